@@ -1,0 +1,20 @@
+"""halodiff: faster diffusers UNet pipelines without retraining.
+
+Patch parallelism (DistriFusion), partial conditioning (PCPP) and cached-feature skip blocks
+(DeepCache), built on fused CUDA/Triton kernels. See README.md.
+"""
+from __future__ import annotations
+
+from . import ops
+from .errors import BackendUnavailableError, CommTimeoutError, HalodiffError, PatchError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CommTimeoutError",
+    "HalodiffError",
+    "PatchError",
+    "__version__",
+    "ops",
+]

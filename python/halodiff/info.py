@@ -1,0 +1,62 @@
+"""`halodiff info`: versions, native build state, and per-op backend availability."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+import torch
+
+from ._native import native
+from .ops import BACKEND_ORDER, report
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect() -> dict[str, Any]:
+    state = native()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "halodiff": _version("halodiff"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "diffusers": _version("diffusers"),
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "native": {
+            "loaded": state.loaded,
+            "cuda_kernels": state.cuda,
+            "cuda_archs": state.cuda_archs,
+            "path": state.path,
+            "error": state.error,
+        },
+        "device": device,
+        "backend_order": list(BACKEND_ORDER),
+        "ops": report(device),
+    }
+
+
+def format_text(info: dict[str, Any]) -> str:
+    n = info["native"]
+    lines = [
+        f"halodiff {info['halodiff']}  python {info['python']}",
+        f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})  triton {info['triton'] or 'not installed'}  "
+        f"diffusers {info['diffusers'] or 'not installed'}",
+        f"GPU: {info['gpu'] or 'none'}",
+        "native extension halodiff._C: "
+        + (f"loaded (CUDA kernels: {'yes, archs ' + n['cuda_archs'] if n['cuda_kernels'] else 'no'}) {n['path']}"
+           if n["loaded"] else f"not loaded: {n['error']}"),
+        f"backends per op for {info['device']} tensors (tried in order {' -> '.join(info['backend_order'])}):",
+    ]
+    for op, backends in info["ops"].items():
+        lines.append(f"  {op}")
+        for name, reasons in backends.items():
+            lines.append(f"    {name:<10} {'ok' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""halodiff ops: one function per op, dispatching to the CUDA, Triton, native CPU or reference backend.
+
+    group_stats(x, num_groups)                     -> [B, G, 2] float32 (Σx, Σx²)
+    group_norm(x, num_groups, weight, bias, eps, *, silu, stats, count)
+    halo_pack(tensors, top, bottom, *, out=None)   -> flat buffer [tops..., bottoms...]
+    halo_unpack(buffer, like, top, bottom)         -> [(top_view, bottom_view), ...]
+    segmented_attention(q, ks, vs, scale=None)     -> softmax(q·Kᵀ·scale)·V over concatenated segments
+
+Backends are tried in the order cuda → triton → cpu → reference; see `registry` for forcing one.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _validate as _v
+from . import reference
+from .registry import BACKEND_ORDER, OPS, register, report, use_backend
+
+__all__ = [
+    "BACKEND_ORDER",
+    "group_norm",
+    "group_stats",
+    "halo_pack",
+    "halo_unpack",
+    "reference",
+    "report",
+    "use_backend",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def group_stats(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Per-(batch, group) Σx and Σx² of x[B, C, H, W] as a float32 tensor [B, G, 2]."""
+    x, num_groups = _v.group_input(x, num_groups)
+    return OPS["group_stats"](x.device, x, num_groups)
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    silu: bool = False,
+    stats: torch.Tensor | None = None,
+    count: float | None = None,
+) -> torch.Tensor:
+    """GroupNorm with torch's biased variance, optional fused SiLU and optional external stats.
+
+    `stats`: a `group_stats` result (e.g. summed over ranks) and `count`: the number of elements per
+    group it covers. With `stats=None` the result equals `F.group_norm` (then `F.silu` if `silu`).
+    """
+    x, num_groups = _v.group_input(x, num_groups)
+    _v.affine(weight, x, "weight")
+    _v.affine(bias, x, "bias")
+    _v.stats(stats, count, x, num_groups)
+    if float(eps) < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return OPS["group_norm"](x.device, x, num_groups, weight, bias, float(eps), bool(silu), stats,
+                             None if count is None else float(count))
+
+
+def halo_pack(
+    tensors: Sequence[torch.Tensor],
+    top: int | Sequence[int],
+    bottom: int | Sequence[int],
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Copy the first `top` and last `bottom` rows (dim -2) of every tensor into one flat buffer.
+
+    Layout: [t0[..., :top0, :], t1[..., :top1, :], ..., t0[..., h0-bottom0:, :], ...], each part
+    flattened in row-major order, so all tops (sent to the rank above) come first and all bottoms
+    (sent to the rank below) after them. `top`/`bottom` are ints or one int per tensor. With `out`
+    (a contiguous 1-D buffer of the right size and dtype) the rows are written there.
+    """
+    tensors, tops, bottoms = _v.halo_tensors(tensors, top, bottom)
+    numel = _v.packed_numel(tensors, tops, bottoms)
+    if out is not None:
+        _v.tensor(out, "out")
+        if out.dim() != 1 or out.numel() != numel or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous 1-D buffer of {numel} elements, got shape {tuple(out.shape)}")
+        if out.dtype != tensors[0].dtype or out.device != tensors[0].device:
+            raise TypeError(f"out must match the tensors' dtype/device ({tensors[0].dtype}, {tensors[0].device}), "
+                            f"got ({out.dtype}, {out.device})")
+    return OPS["halo_pack"](tensors[0].device, tensors, tops, bottoms, out)
+
+
+def halo_unpack(
+    buffer: torch.Tensor,
+    like: Sequence[torch.Tensor | Sequence[int]],
+    top: int | Sequence[int],
+    bottom: int | Sequence[int],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Split a `halo_pack` buffer into per-tensor (top_rows, bottom_rows) views (no copy).
+
+    `like`: the packed tensors or their shapes; view i has shape [*lead_i, top_i, W_i] / [*lead_i, bottom_i, W_i].
+    """
+    _v.tensor(buffer, "buffer")
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(int(d) for d in t) for t in like]
+    if not shapes:
+        raise ValueError("like must be a non-empty list of tensors or shapes")
+    for i, s in enumerate(shapes):
+        if len(s) < 2:
+            raise ValueError(f"like[{i}] must have >= 2 dims, got {s}")
+    tops, bottoms = _v.rows(top, len(shapes), "top"), _v.rows(bottom, len(shapes), "bottom")
+    if buffer.dim() != 1 or not buffer.is_contiguous():
+        raise ValueError(f"buffer must be a contiguous 1-D tensor (a halo_pack result), got shape {tuple(buffer.shape)}")
+    sizes = []
+    for i, (s, a, b) in enumerate(zip(shapes, tops, bottoms)):
+        if a + b > s[-2]:
+            raise ValueError(f"like[{i}] has {s[-2]} rows but top={a} + bottom={b} rows were requested")
+        lead = 1
+        for d in s[:-2]:
+            lead *= d
+        sizes.append((lead * a * s[-1], lead * b * s[-1]))
+    total = sum(a + b for a, b in sizes)
+    if buffer.numel() != total:
+        raise ValueError(f"buffer has {buffer.numel()} elements but these shapes/rows pack to {total}")
+    offset, tops_views = 0, []
+    for s, a, (n_top, _) in zip(shapes, tops, sizes):
+        tops_views.append(buffer[offset : offset + n_top].view(*s[:-2], a, s[-1]))
+        offset += n_top
+    result = []
+    for s, b, (_, n_bot), tv in zip(shapes, bottoms, sizes, tops_views):
+        result.append((tv, buffer[offset : offset + n_bot].view(*s[:-2], b, s[-1])))
+        offset += n_bot
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Backend implementations. Native CPU and CUDA share the torch.ops.halodiff schema; the dispatcher
+# routes by device.
+
+
+def _native_group_stats(x, num_groups):
+    return torch.ops.halodiff.group_stats(x, num_groups)
+
+
+def _native_group_norm(x, num_groups, weight, bias, eps, silu, stats, count):
+    return torch.ops.halodiff.group_norm(x, num_groups, weight, bias, eps, silu, stats, count or 0.0)
+
+
+def _packable(t: torch.Tensor) -> torch.Tensor:
+    """Native pack needs a dense last dim and leading dims that flatten to one stride."""
+    if t.is_contiguous() or t.dim() == 2 and (t.shape[-1] <= 1 or t.stride(-1) == 1):
+        return t
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    expect = None
+    for d in range(t.dim() - 3, -1, -1):
+        if t.shape[d] == 1:
+            continue
+        if expect is not None and t.stride(d) != expect:
+            return t.contiguous()
+        expect = t.stride(d) * t.shape[d]
+    return t
+
+
+def _native_halo_pack(tensors, tops, bottoms, out):
+    tensors = [_packable(t) for t in tensors]
+    if out is None:
+        return torch.ops.halodiff.halo_pack(tensors, tops, bottoms)
+    torch.ops.halodiff.halo_pack_into(tensors, tops, bottoms, out)
+    return out
+
+
+def _reference_halo_pack(tensors, tops, bottoms, out):
+    packed = reference.halo_pack(tensors, tops, bottoms)
+    return packed if out is None else out.copy_(packed)
+
+
+def _triton(name: str):
+    def call(*args):
+        from .. import triton_kernels
+
+        return getattr(triton_kernels, name)(*args)
+
+    call.__name__ = f"triton_{name}"
+    return call
+
+
+for _backend in ("cuda", "cpu"):
+    register("group_stats", _backend)(_native_group_stats)
+    register("group_norm", _backend)(_native_group_norm)
+    register("halo_pack", _backend)(_native_halo_pack)
+register("group_stats", "triton")(_triton("group_stats"))
+register("group_norm", "triton")(_triton("group_norm"))
+register("halo_pack", "triton")(_triton("halo_pack"))
+register("group_stats", "reference")(reference.group_stats)
+register("group_norm", "reference")(reference.group_norm)
+register("halo_pack", "reference")(_reference_halo_pack)

@@ -1,0 +1,33 @@
+"""Fake (meta) kernels for the native schemas so they trace under torch.compile / FakeTensor."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def register_fakes() -> None:
+    @torch.library.register_fake("halodiff::group_stats")
+    def _group_stats(x, num_groups):
+        return x.new_empty((x.shape[0], num_groups, 2), dtype=torch.float32)
+
+    @torch.library.register_fake("halodiff::group_norm")
+    def _group_norm(x, num_groups, weight, bias, eps, silu, stats, count):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("halodiff::halo_pack")
+    def _halo_pack(tensors, top, bottom):
+        total = 0
+        for i, t in enumerate(tensors):
+            lead = 1
+            for d in t.shape[:-2]:
+                lead = lead * d
+            a = top[0] if len(top) == 1 else top[i]
+            b = bottom[0] if len(bottom) == 1 else bottom[i]
+            total = total + lead * (a + b) * t.shape[-1]
+        return tensors[0].new_empty((total,))
+
+    @torch.library.register_fake("halodiff::halo_pack_into")
+    def _halo_pack_into(tensors, top, bottom, out):
+        return None

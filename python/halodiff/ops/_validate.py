@@ -1,0 +1,109 @@
+"""Argument checks shared by every backend: clear ValueError/TypeError naming the argument and the fix."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def group_input(x: object, num_groups: object) -> tuple[torch.Tensor, int]:
+    x = tensor(x, "x")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}; reshape it to 4-D first")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    if num_groups <= 0 or x.shape[1] % num_groups:
+        raise ValueError(
+            f"num_groups={num_groups} must be positive and divide the channel count C={x.shape[1]}"
+        )
+    return x, num_groups
+
+
+def affine(p: torch.Tensor | None, x: torch.Tensor, name: str) -> None:
+    if p is None:
+        return
+    tensor(p, name)
+    if p.shape != (x.shape[1],):
+        raise ValueError(f"{name} must have shape [C] = [{x.shape[1]}], got {tuple(p.shape)}")
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but x is on {x.device}; move it with .to(x.device)")
+    if not p.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {p.dtype}")
+
+
+def stats(s: torch.Tensor | None, count: float | None, x: torch.Tensor, num_groups: int) -> None:
+    if s is None:
+        if count is not None:
+            raise ValueError("count is only used with stats=...; pass both or neither")
+        return
+    tensor(s, "stats")
+    if s.shape != (x.shape[0], num_groups, 2):
+        raise ValueError(
+            f"stats must have shape [B, G, 2] = [{x.shape[0]}, {num_groups}, 2] (a group_stats result), "
+            f"got {tuple(s.shape)}"
+        )
+    if s.dtype != torch.float32:
+        raise TypeError(f"stats must be float32 (as group_stats returns), got {s.dtype}")
+    if s.device != x.device:
+        raise ValueError(f"stats is on {s.device} but x is on {x.device}")
+    if count is None or not (float(count) > 0):
+        raise ValueError(f"count (elements per group that stats cover) must be > 0 when stats is given, got {count}")
+
+
+def rows(v: object, n: int, name: str) -> list[int]:
+    """An int or a list of ints (one per tensor) -> list of n non-negative ints."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int or a list of ints, got bool")
+    if isinstance(v, int):
+        vals = [v] * n
+    elif isinstance(v, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        vals = list(v)
+        if len(vals) != n:
+            raise ValueError(f"{name} has {len(vals)} entries but there are {n} tensors; give one per tensor or an int")
+    else:
+        raise TypeError(f"{name} must be an int or a list of ints, got {type(v).__name__}")
+    if any(t < 0 for t in vals):
+        raise ValueError(f"{name} must be >= 0, got {vals}")
+    return vals
+
+
+def halo_tensors(tensors: object, top: object, bottom: object) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError("tensors must be a list of tensors (wrap a single tensor as [t])")
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("tensors must be a non-empty list of [B, C, h, W] tensors")
+    for i, t in enumerate(tensors):
+        tensor(t, f"tensors[{i}]")
+        if t.dim() < 2:
+            raise ValueError(f"tensors[{i}] must have >= 2 dims (rows are dim -2), got shape {tuple(t.shape)}")
+        if t.dtype != tensors[0].dtype:
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {tensors[0].dtype}; cast them to one dtype")
+        if t.device != tensors[0].device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}")
+    tops, bottoms = rows(top, len(tensors), "top"), rows(bottom, len(tensors), "bottom")
+    for i, (t, a, b) in enumerate(zip(tensors, tops, bottoms)):
+        if a + b > t.shape[-2]:
+            raise ValueError(
+                f"tensors[{i}] has {t.shape[-2]} rows but top={a} + bottom={b} = {a + b} rows were requested; "
+                "top + bottom must be <= rows"
+            )
+    return tensors, tops, bottoms
+
+
+def packed_numel(tensors: Sequence[torch.Tensor], tops: Sequence[int], bottoms: Sequence[int]) -> int:
+    total = 0
+    for t, a, b in zip(tensors, tops, bottoms):
+        lead = 1
+        for d in t.shape[:-2]:
+            lead *= d
+        total += lead * (a + b) * t.shape[-1]
+    return total

@@ -1,0 +1,82 @@
+"""Build for halodiff: the Python package, the Triton kernels and the native extension `halodiff._C`.
+
+- With a CUDA build of torch and a CUDA toolkit (CUDA_HOME), compiles csrc/*.cpp + csrc/*.cu for
+  TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). `SKIP_CUDA_BUILD=1` builds the CPU ops only.
+- With a CPU-only torch, builds the CPU ops only.
+- `HALODIFF_SKIP_NATIVE=1` builds no extension at all (ops fall back to Triton/reference).
+Install with `pip install --no-build-isolation .` so the extension is built against the installed torch.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def native_extensions() -> tuple[list, dict]:
+    if _flag("HALODIFF_SKIP_NATIVE"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cu_sources = sorted(glob.glob("csrc/*.cu"))
+    with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and not _flag("SKIP_CUDA_BUILD")
+    cxx = ["-O3"]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        # torch's CUDA headers include cuBLAS/cuSPARSE headers shipped in the nvidia-* wheels.
+        include_dirs = [
+            d for d in glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include"))
+        ]
+        macros = [("HALODIFF_WITH_CUDA", None), ("HALODIFF_CUDA_ARCHS", f'"{archs}"')]
+        ext = cpp_extension.CUDAExtension(
+            "halodiff._C",
+            cpp_sources + cu_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")] + include_dirs,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "halodiff._C",
+            cpp_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx},
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = native_extensions()
+
+setup(
+    name="halodiff",
+    version="0.1.0",
+    description="Patch-parallel, partially conditioned and cached-feature inference kernels for diffusers UNets",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    package_dir={"": "python", "halodiff.triton_kernels": "triton_kernels"},
+    packages=find_packages("python") + ["halodiff.triton_kernels"],
+    package_data={"halodiff.models": ["digits_model/**/*", "digits_model/*"]},
+    include_package_data=True,
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={
+        "diffusers": ["diffusers>=0.30", "transformers", "safetensors"],
+        "demo": ["diffusers>=0.30", "transformers", "safetensors", "matplotlib", "scikit-learn", "pillow"],
+        "test": ["pytest", "pytest-benchmark", "cmake", "DeepCache"],
+    },
+    entry_points={"console_scripts": ["halodiff=halodiff.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

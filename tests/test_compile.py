@@ -1,0 +1,65 @@
+"""opcheck on the native and Triton ops, and torch.compile through the public API."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import HAS_CUDA
+from halodiff import ops
+from halodiff._native import native
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def _native_or_skip():
+    if not native().loaded:
+        pytest.skip(native().error)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_native(device):
+    _native_or_skip()
+    x = torch.randn(2, 12, 5, 7, device=device)
+    w, b = torch.randn(12, device=device), torch.randn(12, device=device)
+    stats = ops.group_stats(x, 3)
+    count = 4.0 * 5 * 7
+    torch.library.opcheck(torch.ops.halodiff.group_stats.default, (x, 3))
+    torch.library.opcheck(torch.ops.halodiff.group_norm.default, (x, 3, w, b, 1e-5, True, None, 0.0))
+    torch.library.opcheck(torch.ops.halodiff.group_norm.default, (x, 3, None, None, 1e-5, False, stats, count))
+    ts = [x, torch.randn(1, 3, 4, 9, device=device)]
+    torch.library.opcheck(torch.ops.halodiff.halo_pack.default, (ts, [1, 2], [2, 0]))
+    out = torch.empty(ops.halo_pack(ts, [1, 2], [2, 0]).numel(), device=device)
+    torch.library.opcheck(torch.ops.halodiff.halo_pack_into.default, (ts, [1, 2], [2, 0], out))
+
+
+@pytest.mark.triton
+def test_opcheck_triton():
+    from halodiff import triton_kernels  # noqa: F401  (registers halodiff_triton::*)
+
+    dev = "cuda" if HAS_CUDA else "cpu"
+    x = torch.randn(2, 12, 5, 7, device=dev)
+    w, b = torch.randn(12, device=dev), torch.randn(12, device=dev)
+    torch.library.opcheck(torch.ops.halodiff_triton.group_stats.default, (x, 3),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.halodiff_triton.group_norm.default, (x, 3, w, b, 1e-5, True, None, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    """The public ops trace into one graph (no graph breaks) and match eager."""
+    _native_or_skip()
+    torch._dynamo.reset()
+
+    def f(x, w, b):
+        s = ops.group_stats(x, 4)
+        y = ops.group_norm(x, 4, w, b, 1e-5, silu=True, stats=s, count=float(x[0, :2].numel()))
+        return ops.halo_pack([y], 1, 1) * 2
+
+    x = torch.randn(2, 8, 6, 5, device=device)
+    w, b = torch.randn(8, device=device), torch.randn(8, device=device)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
+    want = F.silu(F.group_norm(x, 4, w, b))
+    torch.testing.assert_close(compiled(x, w, b), ops.halo_pack([want], 1, 1) * 2, rtol=1e-5, atol=1e-5)

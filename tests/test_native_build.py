@@ -1,0 +1,93 @@
+"""The built extension really contains CPU and CUDA kernels; CMakeLists.txt builds the same ops."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils.cpp_extension
+
+from halodiff._native import native
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS = ["group_stats", "group_norm", "halo_pack", "halo_pack_into"]
+
+
+def _require_native():
+    state = native()
+    if not state.loaded:
+        pytest.skip(f"native extension not built: {state.error}")
+    return state
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_kernel_registered(op):
+    _require_native()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"halodiff::{op}", "CPU")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernel_registered(op):
+    """With a CUDA build of torch the .cu kernels are compiled (sm_80, sm_90) and linked into _C."""
+    state = _require_native()
+    if not torch.version.cuda:
+        pytest.skip("CPU-only torch: the CUDA kernels are not built")
+    if os.environ.get("SKIP_CUDA_BUILD") == "1":
+        pytest.skip("SKIP_CUDA_BUILD=1")
+    assert state.cuda, "halodiff._C was built without CUDA although torch has CUDA"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"halodiff::{op}", "CUDA")
+
+
+def test_cuda_archs_in_binary():
+    """The extension carries device code for every arch of TORCH_CUDA_ARCH_LIST (checked with cuobjdump)."""
+    state = _require_native()
+    if not state.cuda:
+        pytest.skip("no CUDA kernels in this build")
+    cuobjdump = shutil.which("cuobjdump") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump") if os.environ.get("CUDA_HOME") else None
+    )
+    if not cuobjdump or not os.path.exists(cuobjdump):
+        pytest.skip("cuobjdump not found")
+    out = subprocess.run([cuobjdump, "--list-elf", state.path], capture_output=True, text=True).stdout
+    for arch in state.cuda_archs.split(";"):
+        sm = "sm_" + arch.replace(".", "").replace("+PTX", "")
+        assert sm in out, f"{sm} missing from {state.path}: {out[:500]}"
+
+
+@pytest.mark.slow
+def test_cmake_build_loads_with_torch_ops(tmp_path):
+    """CMakeLists.txt builds the CPU ops into a library that torch.ops.load_library accepts and runs."""
+    cmake = shutil.which("cmake", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if cmake is None:
+        pytest.skip("cmake not installed (pip install cmake)")
+    build = tmp_path / "build"
+    env = dict(os.environ)
+    if torch.version.cuda and "CUDA_HOME" not in env and torch.utils.cpp_extension.CUDA_HOME:
+        env["CUDA_HOME"] = torch.utils.cpp_extension.CUDA_HOME
+    cfg = [cmake, "-S", str(ROOT), "-B", str(build), "-DHALODIFF_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release",
+           f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython3_EXECUTABLE={sys.executable}"]
+    for cmd in (cfg, [cmake, "--build", str(build), "-j", "2"]):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lib = next(build.glob("libhalodiff_ops*.so"))
+    # A fresh interpreter: the setup.py extension must not be loaded there (same op names).
+    script = textwrap.dedent(f"""
+        import torch
+        torch.ops.load_library({str(lib)!r})
+        x = torch.randn(2, 8, 5, 3)
+        s = torch.ops.halodiff.group_stats(x, 4)
+        ref = torch.stack([x.view(2, 4, -1).sum(-1), (x * x).view(2, 4, -1).sum(-1)], -1)
+        assert torch.allclose(s, ref, rtol=1e-5, atol=1e-5), (s, ref)
+        y = torch.ops.halodiff.group_norm(x, 4, None, None, 1e-5, True, None, 0.0)
+        assert torch.allclose(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4)), atol=1e-5)
+        p = torch.ops.halodiff.halo_pack([x], [1], [2])
+        assert torch.equal(p, torch.cat([x[:, :, :1].reshape(-1), x[:, :, -2:].reshape(-1)]))
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

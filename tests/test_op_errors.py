@@ -1,0 +1,72 @@
+"""Bad input raises ValueError/TypeError naming the argument and the fix — never a raw index error."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from halodiff import BackendUnavailableError, ops
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: ops.group_stats(torch.randn(2, 8, 4), 2), ValueError, "4-D"),
+        (lambda: ops.group_stats(torch.randn(2, 8, 4, 4), 3), ValueError, "divide the channel count"),
+        (lambda: ops.group_stats(torch.randn(2, 8, 4, 4), 0), ValueError, "positive"),
+        (lambda: ops.group_stats(torch.ones(2, 8, 4, 4, dtype=torch.int32), 2), TypeError, "floating"),
+        (lambda: ops.group_stats([1, 2], 2), TypeError, "torch.Tensor"),
+        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, torch.randn(4)), ValueError, "weight must have shape"),
+        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, None, torch.randn(8, 1)), ValueError, "bias"),
+        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, stats=torch.zeros(2, 3, 2), count=4), ValueError, "stats"),
+        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, stats=torch.zeros(2, 2, 2)), ValueError, "count"),
+        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, stats=torch.zeros(2, 2, 2, dtype=torch.float64), count=4),
+         TypeError, "float32"),
+        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, count=4), ValueError, "count is only used"),
+        (lambda: ops.halo_pack([], 1, 1), ValueError, "non-empty"),
+        (lambda: ops.halo_pack(torch.randn(2, 3, 4, 4), 1, 1), TypeError, "list of tensors"),
+        (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4)], 3, 2), ValueError, "top \\+ bottom must be <= rows"),
+        (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4)], -1, 0), ValueError, ">= 0"),
+        (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).half()], 1, 1), TypeError, "dtype"),
+        (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4)] * 2, [1], 1), ValueError, "one per tensor"),
+        (lambda: ops.halo_pack([torch.randn(4)], 1, 1), ValueError, ">= 2 dims"),
+        (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4)], 1, 1, out=torch.empty(5)), ValueError, "out must be"),
+        (lambda: ops.halo_unpack(torch.empty(10), [(2, 3, 4, 4)], 1, 1), ValueError, "pack to 48"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_native_op_checks_raise_value_errors():
+    """Direct torch.ops calls are guarded in C++ too (TORCH_CHECK_VALUE -> ValueError)."""
+    from halodiff._native import native
+
+    if not native().loaded:
+        pytest.skip(native().error)
+    with pytest.raises(ValueError, match="divisible"):
+        torch.ops.halodiff.group_stats(torch.randn(2, 8, 4, 4), 3)
+    with pytest.raises(ValueError, match="top \\+ bottom <= rows"):
+        torch.ops.halodiff.halo_pack([torch.randn(2, 3, 4, 4)], [3], [2])
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    with pytest.raises(BackendUnavailableError, match="cuda.*cannot run group_norm"):
+        with ops.use_backend("cuda" if not torch.cuda.is_available() else "cpu"):
+            ops.group_norm(torch.randn(1, 4, 2, 2, device="cpu" if not torch.cuda.is_available() else "cuda"), 2)
+    monkeypatch.setenv("HALODIFF_BACKEND", "nonsense")
+    with pytest.raises(BackendUnavailableError, match="unknown halodiff backend"):
+        ops.group_stats(torch.randn(1, 4, 2, 2), 2)
+    with pytest.raises(BackendUnavailableError, match="unknown"):
+        with ops.use_backend("fast"):
+            pass
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv("HALODIFF_BACKEND", "reference")
+    calls = []
+    op = ops.registry.OPS["group_stats"]
+    orig = op.impls["reference"]
+    monkeypatch.setitem(op.impls, "reference", lambda *a: calls.append(1) or orig(*a))
+    ops.group_stats(torch.randn(1, 4, 2, 2), 2)
+    assert calls == [1]

@@ -1,0 +1,148 @@
+"""Every backend of group_stats / group_norm / halo_pack vs the pure-torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_device
+from halodiff import ops
+from halodiff.ops import reference
+
+# (B, C, H, W, G): odd shapes: C not a power of two, h = 1, W not a multiple of any block, B = 3.
+GN_SHAPES = [(2, 64, 8, 8, 32), (3, 96, 5, 7, 8), (1, 48, 1, 13, 6), (2, 40, 9, 1, 4), (1, 6, 33, 31, 3)]
+
+
+def _low_precision_ok(ours: torch.Tensor, torch_lp: torch.Tensor, ref32: torch.Tensor) -> tuple[float, float]:
+    err = (ours.float() - ref32).abs().max().item()
+    base = (torch_lp.float() - ref32).abs().max().item()
+    return err, base
+
+
+@pytest.mark.parametrize("shape", GN_SHAPES)
+def test_group_stats_fp32(backend, shape):
+    B, C, H, W, G = shape
+    dev = run_device(backend)
+    x = torch.randn(B, C, H, W, device=dev) * 3 + 0.5
+    with ops.use_backend(backend):
+        got = ops.group_stats(x, G)
+    want = reference.group_stats(x.double(), G)
+    assert got.dtype == torch.float32 and got.shape == (B, G, 2)
+    scale = x.double().abs().reshape(B, G, -1).pow(2).sum(-1).clamp_min(1)[..., None]
+    assert ((got.double() - want.double()).abs() / scale).max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_group_stats_low_precision_inputs(backend, dtype):
+    dev = run_device(backend)
+    x = (torch.randn(3, 24, 5, 11, device=dev) * 2).to(dtype)
+    with ops.use_backend(backend):
+        got = ops.group_stats(x, 6)
+    want = reference.group_stats(x.double(), 6).double()  # exact sums of the low-precision values
+    scale = x.double().pow(2).reshape(3, 6, -1).sum(-1).clamp_min(1)[..., None]
+    assert ((got.double() - want).abs() / scale).max() < 1e-6
+
+
+@pytest.mark.parametrize("shape", GN_SHAPES)
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+def test_group_norm_fp32(backend, shape, silu, affine):
+    B, C, H, W, G = shape
+    dev = run_device(backend)
+    x = torch.randn(B, C, H, W, device=dev) * 2 + 1
+    w = torch.randn(C, device=dev) if affine else None
+    b = torch.randn(C, device=dev) if affine else None
+    with ops.use_backend(backend):
+        got = ops.group_norm(x, G, w, b, 1e-5, silu=silu)
+    want = F.group_norm(x.double(), G, None if w is None else w.double(), None if b is None else b.double(), 1e-5)
+    if silu:
+        want = F.silu(want)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_low_precision(backend, dtype, silu):
+    """Kernel error vs the fp32 reference ≤ 2× the error of torch's own low-precision GroupNorm."""
+    dev = run_device(backend)
+    x32 = torch.randn(2, 40, 9, 13, device=dev) * 3 + 1
+    w, b = torch.randn(40, device=dev), torch.randn(40, device=dev)
+    x = x32.to(dtype)
+    ref32 = F.group_norm(x.float(), 8, w, b, 1e-5)
+    torch_lp = F.group_norm(x, 8, w.to(dtype), b.to(dtype), 1e-5)
+    if silu:
+        ref32, torch_lp = F.silu(ref32), F.silu(torch_lp)
+    with ops.use_backend(backend):
+        got = ops.group_norm(x, 8, w, b, 1e-5, silu=silu)
+    assert got.dtype == dtype
+    err, base = _low_precision_ok(got, torch_lp, ref32)
+    assert err <= 2 * base + 1e-6, f"kernel error {err:.3g} > 2 x torch {dtype} error {base:.3g}"
+
+
+def test_group_norm_external_stats_matches_full(backend):
+    """Stats of the whole image applied to a band == the band of the full GroupNorm (the patch-parallel use)."""
+    dev = run_device(backend)
+    x = torch.randn(2, 32, 12, 10, device=dev)
+    w, b = torch.randn(32, device=dev), torch.randn(32, device=dev)
+    full = F.silu(F.group_norm(x, 4, w, b, 1e-6))
+    bands = [x[:, :, :5], x[:, :, 5:]]
+    with ops.use_backend(backend):
+        stats = sum(ops.group_stats(t, 4) for t in bands)
+        outs = [ops.group_norm(t, 4, w, b, 1e-6, silu=True, stats=stats, count=8 * 12 * 10) for t in bands]
+    torch.testing.assert_close(torch.cat(outs, dim=2), full, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_negative_variance_from_stats_is_clamped(backend):
+    dev = run_device(backend)
+    x = torch.randn(1, 4, 3, 3, device=dev)
+    stats = torch.tensor([[[9.0, 1.0], [0.0, 9.0]]], device=dev)  # var = 1/9 - 1 < 0 for group 0
+    with ops.use_backend(backend):
+        got = ops.group_norm(x, 2, stats=stats, count=9.0, eps=1e-5)
+    want = reference.group_norm(x, 2, stats=stats, count=9.0, eps=1e-5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _halo_inputs(dev, dtype):
+    return [
+        torch.randn(2, 3, 5, 7, device=dev).to(dtype),
+        torch.randn(1, 4, 6, 3, device=dev).to(dtype)[:, :, 1:, :],  # row-sliced view (non-contiguous)
+        torch.randn(3, 1, 1, 33, device=dev).to(dtype),  # h = 1
+        torch.randn(2, 5, 4, 9, device=dev).to(dtype).transpose(1, 2).transpose(1, 2).contiguous(memory_format=torch.channels_last),
+        torch.randn(4, 8, device=dev).to(dtype),  # 2-D: rows x W
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_halo_pack_matches_reference(backend, dtype):
+    dev = run_device(backend)
+    ts = _halo_inputs(dev, dtype)
+    tops, bottoms = [1, 2, 1, 0, 3], [2, 0, 0, 4, 1]
+    with ops.use_backend(backend):
+        got = ops.halo_pack(ts, tops, bottoms)
+        out = torch.full_like(got, float("nan"))
+        ops.halo_pack(ts, tops, bottoms, out=out)
+    want = reference.halo_pack(ts, tops, bottoms)
+    assert got.dtype == dtype and torch.equal(got, want) and torch.equal(out, want)
+
+
+def test_halo_pack_int_rows_and_unpack_roundtrip(backend):
+    dev = run_device(backend)
+    ts = [torch.randn(2, 6, 8, 5, device=dev), torch.randn(2, 12, 4, 3, device=dev)]
+    with ops.use_backend(backend):
+        buf = ops.halo_pack(ts, 1, 2)
+    views = ops.halo_unpack(buf, ts, 1, 2)
+    for t, (top, bot) in zip(ts, views):
+        assert torch.equal(top, t[:, :, :1]) and torch.equal(bot, t[:, :, -2:])
+        assert top.data_ptr() >= buf.data_ptr()  # views into the buffer, no copy
+    # tops of all tensors first (what goes to the rank above), then all bottoms
+    n_top = sum(t[:, :, :1].numel() for t in ts)
+    assert torch.equal(buf[:n_top], torch.cat([t[:, :, :1].reshape(-1) for t in ts]))
+
+
+def test_halo_pack_zero_rows(backend):
+    dev = run_device(backend)
+    ts = [torch.randn(2, 3, 4, 5, device=dev)]
+    with ops.use_backend(backend):
+        assert ops.halo_pack(ts, 0, 0).numel() == 0
+        torch.testing.assert_close(ops.halo_pack(ts, 4, 0), ts[0].reshape(-1), rtol=0, atol=0)

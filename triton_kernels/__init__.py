@@ -1,0 +1,9 @@
+"""Triton kernels for halodiff (installed as `halodiff.triton_kernels`).
+
+Each op is a `torch.library.triton_op` (namespace `halodiff_triton`) so it stays a single node under
+torch.compile. On CPU tensors the kernels run only under TRITON_INTERPRET=1 (set before importing triton).
+"""
+from .group_norm import group_norm, group_stats
+from .halo_pack import halo_pack
+
+__all__ = ["group_norm", "group_stats", "halo_pack"]
