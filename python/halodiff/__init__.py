@@ -6,12 +6,20 @@ Patch parallelism (DistriFusion), partial conditioning (PCPP) and cached-feature
 from __future__ import annotations
 
 from . import ops
+from .config import ParallelConfig
+from .dist import CommStats
 from .errors import BackendUnavailableError, CommTimeoutError, HalodiffError, PatchError
+from .parallel import comm_stats, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CommStats",
+    "ParallelConfig",
+    "comm_stats",
+    "patch",
+    "unpatch",
     "CommTimeoutError",
     "HalodiffError",
     "PatchError",

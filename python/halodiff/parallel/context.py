@@ -1,0 +1,155 @@
+"""Explicit step state of a patched pipeline: which model runs, its step index, sync or async, the
+patch group and the band geometry of every wrapped layer. No globals: each patch owns one context."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_map
+
+from ..config import ParallelConfig
+from ..dist import CommManager, CommStats, Topology
+from .geometry import Bands, min_height
+
+
+@dataclass
+class LayerInfo:
+    """Global (whole-image) shapes of a wrapped layer, measured by the meta-device trace."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...] | None = None
+    hw: tuple[int, int] | None = None  # attention: (rows, cols) of its token grid
+
+
+@dataclass
+class StepInfo:
+    """What the layers need to know about the step that is running."""
+
+    model: ModelState
+    topo: Topology
+    bands: Bands
+    step: int
+    sync: bool
+    last: bool
+
+    @property
+    def comm(self) -> CommManager:
+        return self.model.comm
+
+    def layer(self, key: str) -> LayerInfo:
+        return self.model.layers[key]
+
+
+@dataclass
+class ModelState:
+    """Per patched model (UNet or ControlNet): its own step counter, geometry and comm buffers."""
+
+    tag: str
+    model: torch.nn.Module
+    comm: CommManager
+    step: int = -1
+    last_t: float | None = None
+    signature: tuple | None = None
+    layers: dict[str, LayerInfo] = field(default_factory=dict)
+    deep_height: int = 0
+    needs_reset: bool = True
+
+
+class ParallelContext:
+    def __init__(self, config: ParallelConfig, group: dist.ProcessGroup | None):
+        self.config = config
+        self.stats = CommStats()
+        self.timesteps: list[float] | None = None
+        self.active: StepInfo | None = None
+        self.tracing = False
+        self._records: dict[str, LayerInfo] = {}
+        self.models: dict[str, ModelState] = {}
+        self._bands: dict[tuple[int, int], Bands] = {}
+        if dist.is_available() and dist.is_initialized():
+            ranks = tuple(dist.get_process_group_ranks(group) if group is not None
+                          else range(dist.get_world_size()))
+            me = dist.get_rank()
+            if me not in ranks:
+                raise ValueError(f"this rank ({me}) is not in the process group passed to halodiff.patch")
+        else:
+            ranks, me = (0,), 0
+        self.ranks, self.rank = ranks, me
+        n = len(ranks)
+        self.full = Topology(group, ranks, ranks.index(me))
+        self.split: Topology | None = None
+        self.pair_group: dist.ProcessGroup | None = None
+        self.cfg_half = 0
+        if config.split_cfg and n >= 2 and n % 2 == 0:
+            # Every rank creates every group, in the same order (torch.distributed requires it).
+            halves = (ranks[: n // 2], ranks[n // 2:])
+            sub = [dist.new_group(list(h)) if len(h) > 1 else None for h in halves]
+            pairs = [dist.new_group([halves[0][i], halves[1][i]]) for i in range(n // 2)]
+            self.cfg_half = 0 if me in halves[0] else 1
+            mine = halves[self.cfg_half]
+            self.split = Topology(sub[self.cfg_half], mine, mine.index(me))
+            self.pair_group = pairs[mine.index(me)]
+
+    @property
+    def world(self) -> int:
+        return len(self.ranks)
+
+    def add_model(self, tag: str, model: torch.nn.Module) -> ModelState:
+        state = ModelState(tag, model, CommManager(self.stats, self.config.timeout_s))
+        self.models[tag] = state
+        return state
+
+    def new_generation(self, timesteps: list[float] | None) -> None:
+        """A pipeline call starts (scheduler.set_timesteps): warm up again, drop stale state."""
+        self.timesteps = timesteps
+        for m in self.models.values():
+            m.needs_reset = True
+
+    def bands(self, deep_height: int, n: int) -> Bands:
+        key = (deep_height, n)
+        if key not in self._bands:
+            self._bands[key] = Bands.split(deep_height, n)
+        return self._bands[key]
+
+    # ---------------------------------------------------------------------------------- trace
+    def record(self, key: str, info: LayerInfo) -> None:
+        self._records[key] = info
+
+    def trace(self, state: ModelState, args: tuple, kwargs: dict, topo: Topology) -> None:
+        """Run the model on the meta device (no compute, no weights copied) so every wrapped layer
+        records the global shape it sees; derive the deepest level and check the band split."""
+        model = state.model
+        meta = {n: t.to("meta") for n, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+        to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+        self._records = {}
+        self.tracing = True
+        try:
+            with torch.no_grad():
+                torch.func.functional_call(model, meta, tree_map(to_meta, args), tree_map(to_meta, kwargs))
+        finally:
+            self.tracing = False
+        layers = self._records
+        self._records = {}
+        grids = {}
+        for info in layers.values():
+            for shape in (info.in_shape, info.out_shape):
+                if shape is not None and len(shape) == 4:
+                    grids[shape[-2] * shape[-1]] = (shape[-2], shape[-1])
+        for key, info in layers.items():
+            if info.hw is None and len(info.in_shape) == 3:  # attention tokens [B, L, C]
+                if info.in_shape[1] not in grids:
+                    raise ValueError(f"halodiff: cannot place attention layer {key} (L={info.in_shape[1]}) on the "
+                                     "UNet's resolution levels")
+                info.hw = grids[info.in_shape[1]]
+        heights = [h for h, _ in grids.values()]
+        state.layers = layers
+        state.deep_height = min(heights) if heights else 0
+        sample_h = args[0].shape[-2] if args else kwargs["sample"].shape[-2]
+        if topo.n > 1 and state.deep_height < topo.n:
+            need = min_height(sample_h, state.deep_height, topo.n)
+            raise ValueError(
+                f"halodiff: latent height {sample_h} gives only {state.deep_height} rows at the deepest UNet level, "
+                f"fewer than the {topo.n} ranks of a patch group: use a latent height of at least {need} "
+                f"(image height {need * 8} with the usual 8x VAE) or fewer ranks"
+            )

@@ -1,0 +1,136 @@
+"""Patch-parallel versions of the layers that need other ranks' rows: k×k convs (halo rows) and
+GroupNorm (global sums). Installed as instance `forward` overrides, so the module tree, parameter
+names and state_dict stay untouched and `unpatch` only deletes the override."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..errors import PatchError
+from .context import LayerInfo, ParallelContext, StepInfo
+from .geometry import conv_rows
+
+
+def conv_supported(conv: torch.nn.Conv2d) -> str | None:
+    """Why a conv cannot be run patch-parallel (None if it can)."""
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} (use integer padding)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    return None
+
+
+def _halo_plan(step: StepInfo, info: LayerInfo, conv: torch.nn.Conv2d, j: int) -> dict[str, int]:
+    """For band j: rows it needs from the band above / below, zero rows outside the image, rows to trim."""
+    h_in, h_out = info.in_shape[-2], info.out_shape[-2]
+    i0, i1 = step.bands.bounds(h_in)[j]
+    o0, o1 = step.bands.bounds(h_out)[j]
+    a, b = conv_rows(o0, o1, conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0])
+    need_top, need_bot = i0 - a, b - i1
+    first, last = j == 0, j == step.topo.n - 1
+    return {
+        "from_up": 0 if first else max(0, need_top),
+        "zero_top": max(0, need_top) if first else 0,
+        "trim_top": max(0, -need_top),
+        "from_down": 0 if last else max(0, need_bot),
+        "zero_bot": max(0, need_bot) if last else 0,
+        "trim_bot": max(0, -need_bot),
+        "out_rows": o1 - o0,
+    }
+
+
+def halo_conv_forward(ctx: ParallelContext, key: str, conv: torch.nn.Conv2d, original: Callable) -> Callable:
+    pad_w = conv.padding[1]
+
+    def conv_rows_only(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, (0, pad_w), conv.dilation, conv.groups)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        step = ctx.active
+        if ctx.tracing:
+            y = original(x)
+            ctx.record(key, LayerInfo(tuple(x.shape), tuple(y.shape)))
+            return y
+        if step is None or step.topo.n == 1:
+            return original(x)
+        info = step.layer(key)
+        j = step.topo.index
+        plan = _halo_plan(step, info, conv, j)
+        h_in = info.in_shape[-2]
+        if x.shape[-2] == h_in:  # replicated full input (conv_in): read the true neighbour rows, exact
+            i0, _ = step.bands.bounds(h_in)[j]
+            o0, o1 = step.bands.bounds(info.out_shape[-2])[j]
+            a, b = conv_rows(o0, o1, conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0])
+            rows = x[..., max(a, 0): min(b, h_in), :]
+            x_ext = F.pad(rows, (0, 0, max(0, -a), max(0, b - h_in)))
+            return conv_rows_only(x_ext)
+        heights = step.bands.heights(h_in)
+        up_plan = _halo_plan(step, info, conv, j - 1) if j > 0 else None
+        down_plan = _halo_plan(step, info, conv, j + 1) if j + 1 < step.topo.n else None
+        send_up = up_plan["from_down"] if up_plan else 0
+        send_down = down_plan["from_up"] if down_plan else 0
+        if plan["from_up"] > (heights[j - 1] if j > 0 else 0) or plan["from_down"] > (
+                heights[j + 1] if j + 1 < step.topo.n else 0):
+            raise PatchError(f"halodiff: {key}: the conv needs more halo rows than a neighbour band holds "
+                             f"(band heights {heights}); use fewer ranks or a larger resolution")
+        kw = dict(send_up=send_up, send_down=send_down, recv_up=plan["from_up"], recv_down=plan["from_down"],
+                  kind="conv_halo")
+        if step.sync:
+            top, bot = step.comm.exchange_rows(key, x, step.topo, **kw)
+        else:
+            top, bot = step.comm.stale_rows(key)
+            step.comm.queue_rows(key, x, **kw)
+        h = x.shape[-2]
+        parts = [x[..., plan["trim_top"]: h - plan["trim_bot"], :]]
+        if top is not None and plan["from_up"]:
+            parts.insert(0, top)
+        if bot is not None and plan["from_down"]:
+            parts.append(bot)
+        x_ext = torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+        if plan["zero_top"] or plan["zero_bot"]:
+            x_ext = F.pad(x_ext, (0, 0, plan["zero_top"], plan["zero_bot"]))
+        return conv_rows_only(x_ext)
+
+    return forward
+
+
+def group_norm_forward(ctx: ParallelContext, key: str, gn: torch.nn.GroupNorm, original: Callable) -> Callable:
+    G = gn.num_groups
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        step = ctx.active
+        if ctx.tracing:
+            if x.dim() != 4:
+                raise PatchError(f"halodiff: {key}: GroupNorm over a {x.dim()}-D input cannot be split into row "
+                                 "bands (only [B, C, H, W] inputs are supported)")
+            ctx.record(key, LayerInfo(tuple(x.shape)))
+            return original(x)
+        if step is None or step.topo.n == 1:
+            return original(x)
+        info = step.layer(key)
+        B, C, H, W = info.in_shape
+        if x.shape[-2] == H:  # replicated input: local stats are global
+            return original(x)
+        count = float(C // G * H * W)
+        local = ops.group_stats(x, G)
+        if step.sync:
+            glob = local.clone()
+            step.comm.all_reduce_sum(glob, step.topo, "groupnorm")
+            step.comm.store_sums(key, glob, local)
+            stats = glob
+        else:
+            stale_glob, stale_local = step.comm.stale_sums(key)
+            step.comm.queue_sums(key, local)
+            est = stale_glob - stale_local + local  # DistriFusion's corrected stale estimate
+            mean = est[..., 0] / count
+            var = est[..., 1] / count - mean * mean
+            n_loc = float(C // G * x.shape[-2] * x.shape[-1])
+            loc_mean = local[..., 0] / n_loc
+            var = torch.where(var < 0, local[..., 1] / n_loc - loc_mean * loc_mean, var)
+            stats = torch.stack([est[..., 0], count * (var + mean * mean)], dim=-1)
+        return ops.group_norm(x, G, gn.weight, gn.bias, gn.eps, stats=stats, count=count)
+
+    return forward

@@ -1,0 +1,189 @@
+"""Helpers for distributed tests: tiny UNets/pipelines with the block structure of SD1.5 and SDXL,
+and a launcher that runs a function on N spawned gloo ranks and collects each rank's result."""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+CROSS_DIM = 32
+
+
+def tiny_sd15_unet(seed: int = 0, sample_size: int = 32):
+    """SD1.5 structure (3 CrossAttnDownBlock2D + DownBlock2D, 2 layers per block, 3 downsamples, head dim 8,
+    conv_in/out 3x3, GroupNorm) with tiny widths."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(16, 32, 32, 32), norm_num_groups=8, cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    _randomize_zero_inits(unet)
+    return unet.eval()
+
+
+def tiny_sdxl_unet(seed: int = 0, sample_size: int = 32):
+    """SDXL structure: DownBlock2D + 2 CrossAttnDownBlock2D (transformer depth 2), linear projection,
+    head-dim list, added text/time conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(16, 32, 32), norm_num_groups=8, cross_attention_dim=CROSS_DIM,
+        attention_head_dim=(4, 8, 8), transformer_layers_per_block=(1, 2, 2), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16,
+    )
+    _randomize_zero_inits(unet)
+    return unet.eval()
+
+
+def _randomize_zero_inits(model: torch.nn.Module) -> None:
+    """diffusers zero-initialises some output projections; give them small random weights so every
+    path of the network matters in the comparisons."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def sdxl_added_cond(batch: int) -> dict:
+    g = torch.Generator().manual_seed(7)
+    return {"text_embeds": torch.randn(batch, 16, generator=g), "time_ids": torch.randn(batch, 6, generator=g)}
+
+
+def denoise(unet, latents: torch.Tensor, cond: torch.Tensor, steps: int = 6, guidance: float = 3.0,
+            added: dict | None = None, scheduler=None) -> torch.Tensor:
+    """A minimal CFG DDIM loop calling the UNet the way diffusers pipelines do (one batched call per step)."""
+    from diffusers import DDIMScheduler
+
+    sched = scheduler or DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(steps)
+    x = latents.clone()
+    for t in sched.timesteps:
+        inp = torch.cat([x, x]) if guidance > 1 else x
+        kw = {"added_cond_kwargs": added} if added is not None else {}
+        with torch.no_grad():
+            eps = unet(inp, t, encoder_hidden_states=cond, return_dict=False, **kw)[0]
+        if guidance > 1:
+            u, c = eps.chunk(2)
+            eps = u + guidance * (c - u)
+        x = sched.step(eps, t, x).prev_sample
+    return x
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str, timeout_s: float) -> None:
+    import datetime
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    result: object
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        result = fn(rank, world, *args)
+    except BaseException as exc:  # reported to the parent test
+        result = {"__error__": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_ranks(fn: Callable, world: int, *args, timeout_s: float = 240.0, allow_errors: bool = False) -> list:
+    """Run fn(rank, world, *args) on `world` gloo ranks; return the per-rank results (or raise)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, out_dir, timeout_s), daemon=False)
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout_s + 60)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                raise TimeoutError(f"rank process {p.pid} hung for > {timeout_s + 60}s")
+        results = []
+        for r in range(world):
+            path = os.path.join(out_dir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+            with open(path, "rb") as f:
+                results.append(pickle.load(f))
+    errors = [r["__error__"] for r in results if isinstance(r, dict) and "__error__" in r]
+    if errors and not allow_errors:
+        raise AssertionError("rank failed:\n" + "\n".join(errors))
+    return results
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.double() - b.double()).pow(2).mean().item()
+    peak = (b.double().max() - b.double().min()).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()
+
+
+def tiny_vae():
+    """A tiny AutoencoderKL with 4 levels (vae_scale_factor 8, as SD)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(3)
+    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1).eval()
+
+
+def tiny_sd_pipeline(unet=None):
+    """StableDiffusionPipeline from tiny parts; call it with prompt_embeds (no tokenizer/text encoder)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet or tiny_sd15_unet(),
+                                   scheduler=DDIMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_controlnet_pipeline():
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+
+    unet = tiny_sd15_unet()
+    torch.manual_seed(5)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16)).eval()
+    _randomize_zero_inits(controlnet)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet, controlnet=controlnet,
+        scheduler=DDIMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompt_embeds(batch: int = 1, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 8, CROSS_DIM, generator=g), torch.randn(batch, 8, CROSS_DIM, generator=g)
