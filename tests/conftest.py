@@ -14,7 +14,9 @@ import pytest  # noqa: E402
 
 from halodiff.ops import registry  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: spawned ranks run beside this process on the same 2 cores, and OpenMP spin-waits badly
+# when oversubscribed.
+torch.set_num_threads(1)
 
 
 def backend_skip_reason(backend: str, device: str) -> str | None:

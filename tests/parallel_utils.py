@@ -3,15 +3,11 @@ and a launcher that runs a function on N spawned gloo ranks and collects each ra
 from __future__ import annotations
 
 import os
-import pickle
-import socket
-import tempfile
-import traceback
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from halodiff import launch
 
 CROSS_DIM = 32
 
@@ -86,60 +82,10 @@ def denoise(unet, latents: torch.Tensor, cond: torch.Tensor, steps: int = 6, gui
     return x
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str, timeout_s: float) -> None:
-    import datetime
-
-    torch.set_num_threads(1)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    result: object
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        result = fn(rank, world, *args)
-    except BaseException as exc:  # reported to the parent test
-        result = {"__error__": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-
-
 def run_ranks(fn: Callable, world: int, *args, timeout_s: float = 240.0, allow_errors: bool = False) -> list:
-    """Run fn(rank, world, *args) on `world` gloo ranks; return the per-rank results (or raise)."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, out_dir, timeout_s), daemon=False)
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout_s + 60)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                raise TimeoutError(f"rank process {p.pid} hung for > {timeout_s + 60}s")
-        results = []
-        for r in range(world):
-            path = os.path.join(out_dir, f"rank{r}.pkl")
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
-            with open(path, "rb") as f:
-                results.append(pickle.load(f))
-    errors = [r["__error__"] for r in results if isinstance(r, dict) and "__error__" in r]
-    if errors and not allow_errors:
-        raise AssertionError("rank failed:\n" + "\n".join(errors))
-    return results
+    """Run fn(rank, world, *args) on `world` spawned gloo ranks (1 thread each); return their results."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return launch.run_ranks(fn, world, *args, timeout_s=timeout_s, allow_errors=allow_errors)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -187,3 +133,50 @@ def tiny_controlnet_pipeline():
 def prompt_embeds(batch: int = 1, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 8, CROSS_DIM, generator=g), torch.randn(batch, 8, CROSS_DIM, generator=g)
+
+
+def expected_sync_bytes(unet, lat: torch.Tensor, cond: torch.Tensor, world: int) -> dict[str, list[int]]:
+    """Bytes each of `world` ranks must receive in one sync step of `unet` on the CFG batch [lat, lat],
+    derived independently of the engine from the layer shapes of an unpatched run."""
+    from halodiff.parallel.geometry import Bands
+
+    convs, gns, attns = [], [], []
+    hooks = []
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1:
+            hooks.append(m.register_forward_hook(lambda m, a, o: convs.append((a[0].shape, o.shape, m))))
+        elif isinstance(m, torch.nn.GroupNorm):
+            hooks.append(m.register_forward_pre_hook(lambda m, a: gns.append((a[0].shape, m.num_groups))))
+        elif name.endswith("attn1"):
+            hooks.append(m.register_forward_pre_hook(
+                lambda m, a, k: attns.append(k["hidden_states"].shape if "hidden_states" in k else a[0].shape),
+                with_kwargs=True))
+    with torch.no_grad():
+        unet(torch.cat([lat, lat]), 500, encoder_hidden_states=cond)
+    for h in hooks:
+        h.remove()
+    esize = lat.element_size()
+    grids = {s[-2] * s[-1]: (s[-2], s[-1]) for c in convs for s in (c[0], c[1])}
+    bands = Bands.split(min(h for h, _ in grids.values()), world)
+    exp = {k: [0] * world for k in ("conv_halo", "groupnorm", "attention", "output")}
+    for ishape, oshape, conv in convs:
+        if ishape[-2] == lat.shape[-2] and ishape[1] == lat.shape[1]:
+            continue  # conv_in reads the replicated latent: no exchange
+        B, C, H, W = ishape
+        for j in range(world):
+            (i0, i1), (o0, o1) = bands.bounds(H)[j], bands.bounds(oshape[-2])[j]
+            a = o0 * conv.stride[0] - conv.padding[0]
+            b = (o1 - 1) * conv.stride[0] - conv.padding[0] + conv.kernel_size[0]
+            rows = (max(0, i0 - a) if j > 0 else 0) + (max(0, b - i1) if j < world - 1 else 0)
+            exp["conv_halo"][j] += rows * B * C * W * esize
+    for ishape, G in gns:
+        for j in range(world):
+            exp["groupnorm"][j] += ishape[0] * G * 2 * 4 * (world - 1)  # float32 sums from every other rank
+    for B, L, C in attns:
+        H, W = grids[L]
+        for j in range(world):
+            exp["attention"][j] += (H - bands.heights(H)[j]) * W * B * 2 * C * esize
+    H = lat.shape[-2]
+    for j in range(world):
+        exp["output"][j] += (H - bands.heights(H)[j]) * lat.shape[-1] * 2 * lat.shape[1] * esize
+    return exp

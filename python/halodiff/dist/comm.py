@@ -168,20 +168,21 @@ class CommManager:
 
     # ------------------------------------------------------------------------------ collectives
     def all_reduce_sum(self, t: torch.Tensor, topo: Topology, kind: str, *, async_op: bool = False):
-        work = dist.all_reduce(t, group=topo.group, async_op=True)
+        works = self._start_all_reduce(t, topo.group)
         self.stats.add(kind, _nbytes(t) * (topo.n - 1), _nbytes(t) * (topo.n - 1))
+        pending = _Pending(works, f"all-reduce ({kind})", self)
         if async_op:
-            return _Pending([work], f"all-reduce ({kind})", self)
-        self.wait(work, f"all-reduce ({kind})")
+            return pending
+        pending.wait()
         return None
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, topo: Topology, kind: str, *,
                    payload_received: int, payload_sent: int, async_op: bool = False):
         """Gather `inp` of every rank into `out` ([n, *inp.shape], contiguous); payload_* are the unpadded
         bytes for the counter."""
-        work = _all_gather_flat(out.view(-1), inp.view(-1), topo.group)
+        works = self._start_all_gather(out.view(-1), inp.view(-1), topo.group)
         self.stats.add(kind, payload_received, payload_sent)
-        pending = _Pending([work], f"all-gather ({kind})", self)
+        pending = _Pending(works, f"all-gather ({kind})", self)
         if async_op:
             self._pending = [p for p in self._pending if p.works]
             self._pending.append(pending)
@@ -203,10 +204,19 @@ class CommManager:
     def all_gather_batch(self, t: torch.Tensor, group: dist.ProcessGroup | None, n: int, kind: str) -> torch.Tensor:
         """Concatenate equal-shape tensors of the `n` ranks of `group` along dim 0."""
         out = t.new_empty((n * t.shape[0], *t.shape[1:]))
-        work = _all_gather_flat(out.view(-1), t.contiguous().view(-1), group)
+        works = self._start_all_gather(out.view(-1), t.contiguous().view(-1), group)
         self.stats.add(kind, _nbytes(t) * (n - 1), _nbytes(t) * (n - 1))
-        self.wait(work, f"all-gather ({kind})")
+        _Pending(works, f"all-gather ({kind})", self).wait()
         return out
+
+    # ------------------------------------------------------------ torch.distributed primitives
+    # The only calls into torch.distributed; each starts async work and returns its handles.
+    # `SimulatedComm` overrides these three to project multi-GPU runs on one device.
+    def _start_all_reduce(self, t: torch.Tensor, group) -> list:
+        return [dist.all_reduce(t, group=group, async_op=True)]
+
+    def _start_all_gather(self, out: torch.Tensor, inp: torch.Tensor, group) -> list:
+        return [_all_gather_flat(out, inp, group)]
 
     # ------------------------------------------------------------------------- neighbour rows
     def _p2p(self, topo: Topology, sends: list[tuple[torch.Tensor, int | None]],
@@ -348,3 +358,18 @@ class CommManager:
             for key, local in sums:
                 self._sums[key] = (flat[o: o + local.numel()].view(local.shape), local, pending)
                 o += local.numel()
+
+
+class SimulatedComm(CommManager):
+    """Plays one rank of an N-rank group on a single device: buffers, packing, counting and waits happen
+    exactly as in a real run, but nothing is sent (received buffers keep whatever they hold). Used to
+    time one rank's compute and count its bytes for multi-GPU projections (bench/project_gpus.py)."""
+
+    def _start_all_reduce(self, t, group) -> list:
+        return []
+
+    def _start_all_gather(self, out, inp, group) -> list:
+        return []
+
+    def _p2p(self, topo, sends, recvs) -> list:
+        return []

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
 from ..config import ParallelConfig
-from ..dist import CommManager, CommStats, Topology
+from ..dist import CommManager, CommStats, SimulatedComm, Topology
 from .geometry import Bands, min_height
 
 
@@ -58,8 +58,11 @@ class ModelState:
 
 
 class ParallelContext:
-    def __init__(self, config: ParallelConfig, group: dist.ProcessGroup | None):
+    def __init__(self, config: ParallelConfig, group: dist.ProcessGroup | None,
+                 simulate: tuple[int, int] | None = None):
+        """simulate=(n, index): play band `index` of an n-rank group on this process, sending nothing."""
         self.config = config
+        self.simulated = simulate is not None
         self.stats = CommStats()
         self.timesteps: list[float] | None = None
         self.active: StepInfo | None = None
@@ -67,7 +70,12 @@ class ParallelContext:
         self._records: dict[str, LayerInfo] = {}
         self.models: dict[str, ModelState] = {}
         self._bands: dict[tuple[int, int], Bands] = {}
-        if dist.is_available() and dist.is_initialized():
+        if simulate is not None:
+            n, index = simulate
+            if not 0 <= index < n:
+                raise ValueError(f"simulate=(n, index) needs 0 <= index < n, got {simulate}")
+            ranks, me = tuple(range(n)), index
+        elif dist.is_available() and dist.is_initialized():
             ranks = tuple(dist.get_process_group_ranks(group) if group is not None
                           else range(dist.get_world_size()))
             me = dist.get_rank()
@@ -81,7 +89,7 @@ class ParallelContext:
         self.split: Topology | None = None
         self.pair_group: dist.ProcessGroup | None = None
         self.cfg_half = 0
-        if config.split_cfg and n >= 2 and n % 2 == 0:
+        if config.split_cfg and n >= 2 and n % 2 == 0 and simulate is None:
             # Every rank creates every group, in the same order (torch.distributed requires it).
             halves = (ranks[: n // 2], ranks[n // 2:])
             sub = [dist.new_group(list(h)) if len(h) > 1 else None for h in halves]
@@ -96,7 +104,8 @@ class ParallelContext:
         return len(self.ranks)
 
     def add_model(self, tag: str, model: torch.nn.Module) -> ModelState:
-        state = ModelState(tag, model, CommManager(self.stats, self.config.timeout_s))
+        comm_cls = SimulatedComm if self.simulated else CommManager
+        state = ModelState(tag, model, comm_cls(self.stats, self.config.timeout_s))
         self.models[tag] = state
         return state
 

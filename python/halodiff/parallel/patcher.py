@@ -164,16 +164,31 @@ def patch(pipe, config: ParallelConfig | None = None, group=None) -> None:
     group: the torch.distributed process group of the ranks that share the work (None = default group).
     Without an initialised torch.distributed the pipeline runs single-rank, unchanged.
     """
+    _install(pipe, _checked(config), lambda cfg: ParallelContext(cfg, group))
+
+
+def simulate(pipe, config: ParallelConfig | None, ranks: int, index: int) -> None:
+    """Patch `pipe` to play band `index` of a `ranks`-rank group on this one process without sending
+    anything (received boundary data is whatever the buffers hold). For timing one rank's compute and
+    counting its bytes (bench/project_gpus.py); the image is not meaningful. Undo with `unpatch`."""
+    _install(pipe, _checked(config), lambda cfg: ParallelContext(cfg, None, simulate=(ranks, index)))
+
+
+def _checked(config) -> ParallelConfig:
     config = config if config is not None else ParallelConfig()
     if not isinstance(config, ParallelConfig):
         raise TypeError(f"halodiff.patch: config must be a halodiff.ParallelConfig, got {type(config).__name__}")
+    return config
+
+
+def _install(pipe, config: ParallelConfig, make_context) -> None:
     if pipe in _PATCHES:
         raise PatchError("halodiff.patch: this pipeline is already patched; call halodiff.unpatch(pipe) first")
     models = _models(pipe)
     for tag, model in models:
         if model in _PATCHES:
             raise PatchError(f"halodiff.patch: its {tag} is already patched through another pipeline object")
-    ctx = ParallelContext(config, group)
+    ctx = make_context(config)
     record = _Patch(ctx)
     Attention = _attention_class()
     try:

@@ -1,0 +1,101 @@
+"""End-to-end patch-parallel benchmark on CPU gloo ranks (also `halodiff bench e2e`).
+
+Same UNet (random weights, same seed on every rank), same inputs, batch 2 (CFG): wall time per UNet
+step of N ranks × `threads` threads vs 1 rank × `threads` threads, measured in the same run, plus the
+steady-state bytes each rank receives per (async) step. Timed steps follow `warmup` untimed steps.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import launch
+
+
+@dataclass
+class E2EResult:
+    model: str
+    latent: str
+    ranks: int
+    mode: str
+    split_cfg: bool
+    step_s: float
+    speedup: float | None
+    mb_received_per_step: float
+    bytes_by_kind_per_step: dict
+    per_rank_bytes_by_kind: list | None = None
+
+
+def _build(model: str):
+    from diffusers import UNet2DConditionModel
+
+    from .models.sd_configs import unet_config
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**unet_config(model)).eval()
+
+
+def _worker(rank: int, world: int, model: str, latent: tuple[int, int], mode: str | None, split_cfg: bool,
+            warmup: int, timed: int, halo_fraction: float):
+    import halodiff
+    from halodiff.models.sd_configs import unet_inputs
+
+    unet = _build(model)
+    sample, text, extra = unet_inputs(model, 2, latent)
+    if mode is not None:
+        halodiff.patch(unet, halodiff.ParallelConfig(mode=mode, warmup_steps=warmup, split_cfg=split_cfg,
+                                                     halo_fraction=halo_fraction))
+    times, per_step = [], []
+    timesteps = torch.linspace(999, 1, warmup + timed).round()
+    for i, t in enumerate(timesteps):
+        if mode is not None:
+            stats = halodiff.comm_stats(unet)
+            stats.reset()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            unet(sample, t, encoder_hidden_states=text, **extra)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+            if mode is not None:
+                per_step.append(dict(stats.bytes_by_kind))
+    kinds = {k: statistics.mean(d[k] for d in per_step) for k in per_step[0]} if per_step else {}
+    return statistics.median(times), kinds
+
+
+def run(model: str = "sd15", latent: int | tuple[int, int] = 64, ranks: int = 2,
+        modes: tuple[str, ...] = ("sync", "distrifusion"), split_cfg: bool = False, warmup: int = 1, timed: int = 3,
+        threads: int = 1, halo_fraction: float = 0.3, baseline: bool = True) -> list[E2EResult]:
+    hw = (latent, latent) if isinstance(latent, int) else tuple(latent)
+    results = []
+    base = None
+    if baseline:
+        base, _ = launch.run_ranks(_worker, 1, model, hw, None, False, warmup, timed, halo_fraction, threads=threads,
+                                   timeout_s=3600)[0]
+        results.append(E2EResult(model, f"{hw[0]}x{hw[1]}", 1, "single", False, base, 1.0, 0.0, {}))
+    for mode in modes:
+        per_rank = launch.run_ranks(_worker, ranks, model, hw, mode, split_cfg, warmup, timed, halo_fraction,
+                                    threads=threads, timeout_s=3600)
+        step = max(r[0] for r in per_rank)
+        kinds = {k: max(r[1].get(k, 0) for r in per_rank) for k in per_rank[0][1]}
+        results.append(E2EResult(model, f"{hw[0]}x{hw[1]}", ranks, mode, split_cfg, step,
+                                 base / step if base else None, sum(kinds.values()) / 1e6, kinds,
+                                 [r[1] for r in per_rank]))
+    return results
+
+
+def table(results: list[E2EResult]) -> str:
+    lines = ["| model | latent | ranks | mode | split_cfg | s/step | speedup | MB recv/step/rank (max rank) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        sp = f"{r.speedup:.2f}x" if r.speedup else "-"
+        lines.append(f"| {r.model} | {r.latent} | {r.ranks} | {r.mode} | {r.split_cfg} | {r.step_s:.2f} | {sp} | "
+                     f"{r.mb_received_per_step:.1f} |")
+    return "\n".join(lines)
+
+
+def as_dicts(results: list[E2EResult]) -> list[dict]:
+    return [asdict(r) for r in results]

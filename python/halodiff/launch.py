@@ -1,0 +1,86 @@
+"""Run a function on N local CPU ranks (gloo), one thread each, and collect every rank's result.
+
+Used by `halodiff demo`, `halodiff bench e2e` and the tests; under `torchrun` on GPUs the user's own
+script initialises NCCL instead.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RankError(RuntimeError):
+    """A spawned rank raised; the message holds its traceback."""
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str, timeout_s: float,
+            threads: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    result: Any
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        result = fn(rank, world, *args)
+    except BaseException as exc:  # reported to the parent
+        result = {"__error__": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.barrier()
+                dist.destroy_process_group()
+            except Exception:
+                pass
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_ranks(fn: Callable, world: int, *args, timeout_s: float = 600.0, threads: int = 1,
+              allow_errors: bool = False) -> list:
+    """Spawn `world` processes running fn(rank, world, *args) in a gloo group; return their results.
+
+    fn must be importable (a module-level function). A rank that raises makes this raise RankError
+    (unless allow_errors); a hung rank is killed after timeout_s + 60 s.
+    """
+    import torch.multiprocessing as mp
+
+    if world < 1:
+        raise ValueError(f"world (number of ranks) must be >= 1, got {world}")
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, out_dir, timeout_s, threads))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout_s + 60)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                raise TimeoutError(f"a rank (pid {p.pid}) hung for more than {timeout_s + 60:.0f}s")
+        results = []
+        for r in range(world):
+            path = os.path.join(out_dir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                raise RankError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+            with open(path, "rb") as f:
+                results.append(pickle.load(f))
+    errors = [r["__error__"] for r in results if isinstance(r, dict) and "__error__" in r]
+    if errors and not allow_errors:
+        raise RankError("a rank failed:\n" + "\n".join(errors))
+    return results
