@@ -31,6 +31,11 @@ def test_opcheck_native(device):
     torch.library.opcheck(torch.ops.halodiff.halo_pack.default, (ts, [1, 2], [2, 0]))
     out = torch.empty(ops.halo_pack(ts, [1, 2], [2, 0]).numel(), device=device)
     torch.library.opcheck(torch.ops.halodiff.halo_pack_into.default, (ts, [1, 2], [2, 0], out))
+    q = torch.randn(2, 5, 3, 40, device=device).transpose(1, 2)  # [B, H, L, D] view, as attention gets it
+    ks = [torch.randn(2, 3, n, 40, device=device) for n in (4, 0, 6)]
+    vs = [torch.randn(2, 3, n, 40, device=device) for n in (4, 0, 6)]
+    torch.library.opcheck(torch.ops.halodiff.segmented_attention.default, (q, ks, vs, None))
+    torch.library.opcheck(torch.ops.halodiff.segmented_attention.default, (q, ks[:1], vs[:1], 0.3))
 
 
 @pytest.mark.triton
@@ -43,6 +48,10 @@ def test_opcheck_triton():
     torch.library.opcheck(torch.ops.halodiff_triton.group_stats.default, (x, 3),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.halodiff_triton.group_norm.default, (x, 3, w, b, 1e-5, True, None, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))
+    q = torch.randn(1, 5, 2, 40, device=dev).transpose(1, 2)
+    ks = [torch.randn(1, 2, n, 40, device=dev) for n in (4, 0, 6)]
+    torch.library.opcheck(torch.ops.halodiff_triton.segmented_attention.default, (q, ks, ks, 0.15),
                           test_utils=("test_schema", "test_faketensor"))
 
 

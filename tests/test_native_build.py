@@ -15,7 +15,7 @@ import torch.utils.cpp_extension
 from halodiff._native import native
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ["group_stats", "group_norm", "halo_pack", "halo_pack_into"]
+OPS = ["group_stats", "group_norm", "halo_pack", "halo_pack_into", "segmented_attention"]
 
 
 def _require_native():
@@ -87,6 +87,9 @@ def test_cmake_build_loads_with_torch_ops(tmp_path):
         assert torch.allclose(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4)), atol=1e-5)
         p = torch.ops.halodiff.halo_pack([x], [1], [2])
         assert torch.equal(p, torch.cat([x[:, :, :1].reshape(-1), x[:, :, -2:].reshape(-1)]))
+        q, k, v = torch.randn(2, 3, 6, 40), torch.randn(2, 3, 5, 40), torch.randn(2, 3, 5, 40)
+        a = torch.ops.halodiff.segmented_attention(q, [k[:, :, :2], k[:, :, 2:]], [v[:, :, :2], v[:, :, 2:]], None)
+        assert torch.allclose(a, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5)
         print("ok")
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

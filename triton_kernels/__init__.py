@@ -5,5 +5,6 @@ torch.compile. On CPU tensors the kernels run only under TRITON_INTERPRET=1 (set
 """
 from .group_norm import group_norm, group_stats
 from .halo_pack import halo_pack
+from .segmented_attention import segmented_attention
 
-__all__ = ["group_norm", "group_stats", "halo_pack"]
+__all__ = ["group_norm", "group_stats", "halo_pack", "segmented_attention"]

@@ -10,6 +10,7 @@ Backends are tried in the order cuda → triton → cpu → reference; see `regi
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "halo_unpack",
     "reference",
     "report",
+    "segmented_attention",
     "use_backend",
 ]
 
@@ -134,6 +136,73 @@ def halo_unpack(
     return result
 
 
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _attention_args(q, ks, vs, scale):
+    """Validate segmented_attention's arguments; returns them with every last dim dense."""
+    _v.tensor(q, "q")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [B, H, Lq, D], got shape {tuple(q.shape)}; "
+                         "view [B, L, H*D] projections as [B, L, H, D] and transpose(1, 2)")
+    if q.dtype not in _ATTENTION_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q must have a head dim D >= 1, got shape {tuple(q.shape)}")
+    for name, seq in (("ks", ks), ("vs", vs)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name} must be a list of [B, H, Lk_i, D] tensors (wrap a single tensor as [t])")
+    ks, vs = list(ks), list(vs)
+    if not ks:
+        raise ValueError("ks must be a non-empty list of [B, H, Lk_i, D] key segments")
+    if len(ks) != len(vs):
+        raise ValueError(f"ks and vs must have the same length (one V segment per K segment), got {len(ks)} and {len(vs)}")
+    B, H, _, D = q.shape
+    for i, (k, v) in enumerate(zip(ks, vs)):
+        for name, t in ((f"ks[{i}]", k), (f"vs[{i}]", v)):
+            _v.tensor(t, name)
+            if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+                raise ValueError(f"{name} must have shape [B, H, Lk, D] = [{B}, {H}, Lk, {D}] to match q, "
+                                 f"got {tuple(t.shape)}")
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move it with .to(q.device)")
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"ks[{i}] has {k.shape[2]} rows but vs[{i}] has {v.shape[2]}; "
+                             "each K segment needs a V segment of the same length")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None (= 1/sqrt(D)), got {type(scale).__name__}")
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0 (or None for 1/sqrt(D)), got {scale}")
+
+    def dense(t):  # the kernels read any B/H/L strides in place but need a dense last dim
+        return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+    return dense(q), [dense(k) for k in ks], [dense(v) for v in vs], scale
+
+
+def segmented_attention(
+    q: torch.Tensor,
+    ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q·Kᵀ·scale)·V over K/V given as segments, in one pass without concatenating them.
+
+    `q`: [B, H, Lq, D]; `ks`, `vs`: equally long lists of [B, H, Lk_i, D] segments (e.g. halo above, own band,
+    halo below; Lk_i may be 0). The result equals attention over K = cat(ks, dim=2), V = cat(vs, dim=2);
+    `scale` defaults to 1/sqrt(D). With no keys at all (every segment empty) the result is zeros.
+    Returns q's dtype, shape [B, H, Lq, D], as a view of a contiguous [B, Lq, H, D] buffer (like torch's SDPA),
+    so `out.transpose(1, 2).reshape(B, Lq, H * D)` costs no copy. Inputs with any B/H/L strides (e.g.
+    transposed views of Linear outputs) are read in place; a last dim that is not dense is copied first.
+    """
+    q, ks, vs, scale = _attention_args(q, ks, vs, scale)
+    return OPS["segmented_attention"](q.device, q, ks, vs, scale)
+
+
 # --------------------------------------------------------------------------------------------
 # Backend implementations. Native CPU and CUDA share the torch.ops.halodiff schema; the dispatcher
 # routes by device.
@@ -196,3 +265,42 @@ register("halo_pack", "triton")(_triton("halo_pack"))
 register("group_stats", "reference")(reference.group_stats)
 register("group_norm", "reference")(reference.group_norm)
 register("halo_pack", "reference")(_reference_halo_pack)
+
+
+# segmented_attention: what each backend's kernel cannot run (dispatch then falls through to the next one).
+_CUDA_ATTENTION_MAX_SEGMENTS = 64  # kMaxSegments in csrc/segmented_attention.cu (one launch)
+_ATTENTION_MAX_HEAD_DIM = 256  # CUDA and Triton kernels
+
+
+@torch.compiler.assume_constant_result
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _kernel_attention_reasons(q, ks, vs, scale) -> list[str]:
+    reasons = []
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"the kernel supports float16/bfloat16/float32, got {q.dtype}")
+    if q.shape[-1] > _ATTENTION_MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {_ATTENTION_MAX_HEAD_DIM}")
+    return reasons
+
+
+def _cuda_attention_reasons(q, ks, vs, scale) -> list[str]:
+    reasons = _kernel_attention_reasons(q, ks, vs, scale)
+    n = sum(1 for k in ks if k.shape[2] > 0)
+    if n > _CUDA_ATTENTION_MAX_SEGMENTS:
+        reasons.append(f"{n} non-empty segments > {_CUDA_ATTENTION_MAX_SEGMENTS} (the CUDA kernel's one-launch table)")
+    if q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cuda" and _cuda_major(q.device.index or 0) < 8:
+        reasons.append("the float16/bfloat16 CUDA kernel uses sm_80+ tensor cores (mma.sync bf16/f16)")
+    return reasons
+
+
+def _native_segmented_attention(q, ks, vs, scale):
+    return torch.ops.halodiff.segmented_attention(q, ks, vs, scale)
+
+
+register("segmented_attention", "cuda", check=_cuda_attention_reasons)(_native_segmented_attention)
+register("segmented_attention", "triton", check=_kernel_attention_reasons)(_triton("segmented_attention"))
+register("segmented_attention", "cpu")(_native_segmented_attention)
+register("segmented_attention", "reference")(reference.segmented_attention)

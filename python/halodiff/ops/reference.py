@@ -73,12 +73,17 @@ def halo_pack(tensors: Sequence[torch.Tensor], top: int | Sequence[int], bottom:
 def segmented_attention(
     q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], scale: float | None = None
 ) -> torch.Tensor:
-    """softmax(q Kᵀ · scale) V over the concatenation of the K/V segments (along dim -2)."""
+    """softmax(q Kᵀ · scale) V over K = cat(ks, dim=-2), V = cat(vs, dim=-2); scale defaults to 1/sqrt(D).
+
+    No keys at all (every segment empty) gives zeros. The result has q's dtype and shape [B, H, Lq, D], laid
+    out as a view of a contiguous [B, Lq, H, D] buffer like every backend's.
+    """
+    B, H, Lq, D = q.shape
+    out = q.new_empty((B, Lq, H, D)).transpose(1, 2)
     k = torch.cat(list(ks), dim=-2)
     v = torch.cat(list(vs), dim=-2)
-    acc = _acc_dtype(q)
-    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if k.shape[-2] == 0:
-        return torch.zeros_like(q)
-    out = F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc), scale=s)
-    return out.to(q.dtype)
+        return out.zero_()
+    acc = _acc_dtype(q)
+    s = scale if scale is not None else 1.0 / math.sqrt(D)
+    return out.copy_(F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc), scale=s))

@@ -1,0 +1,552 @@
+// CUDA kernels for halodiff::segmented_attention: softmax(q·Kᵀ·scale)·V where K/V are given as a list
+// of segments along the sequence dim. One online-softmax pass (flash-attention forward) walks the
+// segments tile by tile, so the concatenated K/V never exists. One launch per call: the segment table
+// (pointers, lengths, strides of up to kMaxSegments non-empty segments) is a __grid_constant__ kernel
+// parameter, so there is no host-to-device copy.
+//
+// Block = 128 threads, one (b, h) and one tile of query rows. It reads its Q tile once, every K/V row
+// of its (b, h) once (all segments, tile by tile through shared memory) and writes its O tile once.
+//   fp16/bf16 (sm_80+): tensor cores, mma.sync m16n8k16 with fp32 accumulation. 4 warps x 16 query
+//     rows; K/V tiles of 64 rows (32 for head dims > 128). Each warp keeps its S = QKᵀ tile, the
+//     probabilities (re-packed in registers as the A operand of P·V) and its O accumulator in registers.
+//   fp32: exact fp32 FMAs (no TF32), 32 query rows per block, 4x4 S micro-tiles per thread, P staged
+//     in shared memory for P·V.
+// Head dims 1..256 (kMaxHeadDim): the kernels are instantiated for padded dims DP (next multiple of 16
+// up to 128, of 32 above); the padding columns are zero in shared memory and never stored. Any B/H/L
+// strides are supported; the last dim must be dense (the Python layer makes other layouts contiguous).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "halodiff.h"
+
+namespace halodiff {
+namespace {
+
+// ---- device code ----
+constexpr int kMaxSegments = 64;  // 64 * 64 B + header ~ 4.3 KB of kernel parameters (CUDA 12.1+ allows 32 KB)
+constexpr int kMaxHeadDim = 256;
+constexpr int kThreads = 128;
+
+struct SegmentParam {
+  const void* k;
+  const void* v;
+  int64_t k_stride_b, k_stride_h, k_stride_l;  // in elements
+  int64_t v_stride_b, v_stride_h, v_stride_l;
+};
+
+struct AttnParams {
+  const void* q;
+  void* out;
+  int64_t q_stride_b, q_stride_h, q_stride_l;  // in elements
+  int64_t o_stride_b, o_stride_h, o_stride_l;
+  int32_t heads, lq, d, n_segs, m_blocks;
+  float scale_log2;  // scale * log2(e): scores are kept in base-2 units, softmax uses exp2
+  bool vec16;        // every row start is 16-byte aligned and d is a multiple of 16 / sizeof(T)
+  int32_t len[kMaxSegments];
+  SegmentParam seg[kMaxSegments];
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Two floats rounded to T and packed in one 32-bit register (lo in the low half), as mma operands hold them.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ uint32_t ld32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// D[16x8] += A[16x16] · B[16x8], fp32 accumulators. Fragment layouts (PTX ISA, mma.m16n8k16), with
+// g = lane / 4, t = lane % 4: a = {A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]},
+// b = {B[2t..2t+1][g], B[2t+8..2t+9][g]}, c = {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                        const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Copies a ROWS x DP tile into shared memory dst[ROWS][LDS] (as S): row r, column c comes from
+// src[r * ld + c] when r < rows_valid and c < d, and is 0 otherwise (padding rows/columns must be
+// zeros, not stale data: 0 * NaN would poison the dot products). Reads each valid element once.
+template <typename T, typename S, int ROWS, int DP, int LDS>
+__device__ __forceinline__ void load_tile(S* __restrict__ dst, const T* __restrict__ src, int64_t ld,
+                                          int rows_valid, int d, bool vec16) {
+  if (vec16) {
+    constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+    constexpr int kUnits = DP / kVec;
+    for (int u = threadIdx.x; u < ROWS * kUnits; u += kThreads) {
+      const int r = u / kUnits, c = (u % kUnits) * kVec;
+      uint4 pk = make_uint4(0u, 0u, 0u, 0u);
+      if (r < rows_valid && c < d) pk = *reinterpret_cast<const uint4*>(src + r * ld + c);
+      if constexpr (std::is_same_v<T, S> && (LDS * sizeof(S)) % 16 == 0) {
+        *reinterpret_cast<uint4*>(dst + r * LDS + c) = pk;
+      } else {
+        const T* e = reinterpret_cast<const T*>(&pk);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dst[r * LDS + c + j] = from_float<S>(to_float(e[j]));
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < ROWS * DP; e += kThreads) {
+      const int r = e / DP, c = e % DP;
+      const float x = (r < rows_valid && c < d) ? to_float(src[r * ld + c]) : 0.f;
+      dst[r * LDS + c] = from_float<S>(x);
+    }
+  }
+}
+
+template <int DP>
+struct MmaConfig {
+  static constexpr int BM = 64;                  // query rows per block: 4 warps x 16
+  static constexpr int BN = DP <= 128 ? 64 : 32;  // K/V rows per tile
+  static constexpr int LDS = DP + 8;             // smem row pitch (halves): 16-byte rows, no bank conflicts
+  static constexpr size_t smem_bytes(size_t elem) { return static_cast<size_t>(BM + 2 * BN) * LDS * elem; }
+};
+
+// Tensor-core kernel (T = __half or __nv_bfloat16). Block blockIdx.x -> (b, h, query tile m0..m0+63).
+// Shared memory: Q tile [64][LDS], K tile [BN][LDS], V tile [BN][LDS], all T.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) seg_attn_mma_kernel(const __grid_constant__ AttnParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host launches this kernel only on sm_80+
+#else
+  using Cfg = MmaConfig<DP>;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, LDS = Cfg::LDS;
+  constexpr int NT = BN / 8;   // S n-tiles (8 keys) per warp
+  constexpr int KT = DP / 16;  // k-steps over the head dim
+  constexpr int OT = DP / 8;   // O n-tiles (8 head-dim columns)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Ks = Qs + BM * LDS;
+  T* Vs = Ks + BN * LDS;
+
+  const int bh = blockIdx.x / p.m_blocks, m0 = (blockIdx.x % p.m_blocks) * BM;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int qr = warp * 16 + g;  // this thread's query rows in the tile: qr and qr + 8
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + m0 * p.q_stride_l;
+  load_tile<T, T, BM, DP, LDS>(Qs, q, p.q_stride_l, p.lq - m0, p.d, p.vec16);
+
+  float o[OT][4] = {};
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // running max (base 2) and sum per row
+
+  for (int s = 0; s < p.n_segs; ++s) {
+    const SegmentParam& sp = p.seg[s];
+    const int len = p.len[s];
+    const T* kb = static_cast<const T*>(sp.k) + b * sp.k_stride_b + h * sp.k_stride_h;
+    const T* vb = static_cast<const T*>(sp.v) + b * sp.v_stride_b + h * sp.v_stride_h;
+    for (int n0 = 0; n0 < len; n0 += BN) {
+      __syncthreads();  // the previous K/V tile is consumed (and, first time round, Q is staged)
+      load_tile<T, T, BN, DP, LDS>(Ks, kb + n0 * sp.k_stride_l, sp.k_stride_l, len - n0, p.d, p.vec16);
+      load_tile<T, T, BN, DP, LDS>(Vs, vb + n0 * sp.v_stride_l, sp.v_stride_l, len - n0, p.d, p.vec16);
+      __syncthreads();
+
+      // S[16 x BN] = Q[16 x DP] · K[BN x DP]ᵀ for this warp's rows.
+      float sc[NT][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk) {
+        const T* qa = Qs + qr * LDS + kk * 16 + 2 * t;
+        const uint32_t a[4] = {ld32(qa), ld32(qa + 8 * LDS), ld32(qa + 8), ld32(qa + 8 * LDS + 8)};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const T* kp = Ks + (j * 8 + g) * LDS + kk * 16 + 2 * t;
+          const uint32_t bb[2] = {ld32(kp), ld32(kp + 8)};
+          mma16816<T>(sc[j], a, bb);
+        }
+      }
+
+      // Online softmax. Element e of tile j is row qr + 8 * (e / 2), key n0 + j * 8 + 2t + e % 2; the
+      // 4 lanes of a group (same g) share rows, so row reductions are two xor-shuffles.
+      const int valid = len - n0;
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = (j * 8 + 2 * t + (e & 1) < valid) ? sc[j][e] * p.scale_log2 : -INFINITY;
+          sc[j][e] = x;
+          mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+      }
+      float mref[2], alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float m_new = fmaxf(m_run[r], mx[r]);
+        mref[r] = m_new == -INFINITY ? 0.f : m_new;
+        alpha[r] = exp2f(m_run[r] - mref[r]);
+        m_run[r] = m_new;
+      }
+      float rs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sc[j][e] = exp2f(sc[j][e] - mref[e >> 1]);
+          rs[e >> 1] += sc[j][e];
+        }
+      }
+      l_run[0] = l_run[0] * alpha[0] + rs[0];
+      l_run[1] = l_run[1] * alpha[1] + rs[1];
+#pragma unroll
+      for (int nd = 0; nd < OT; ++nd) {
+        o[nd][0] *= alpha[0];
+        o[nd][1] *= alpha[0];
+        o[nd][2] *= alpha[1];
+        o[nd][3] *= alpha[1];
+      }
+
+      // O[16 x DP] += P[16 x BN] · V[BN x DP]. The S accumulators of tiles 2c, 2c+1 are exactly the
+      // A fragment of key chunk c; B fragments gather two 16-bit V elements from consecutive rows.
+      const uint16_t* v16 = reinterpret_cast<const uint16_t*>(Vs);
+#pragma unroll
+      for (int c = 0; c < BN / 16; ++c) {
+        const uint32_t a[4] = {pack2<T>(sc[2 * c][0], sc[2 * c][1]), pack2<T>(sc[2 * c][2], sc[2 * c][3]),
+                               pack2<T>(sc[2 * c + 1][0], sc[2 * c + 1][1]),
+                               pack2<T>(sc[2 * c + 1][2], sc[2 * c + 1][3])};
+#pragma unroll
+        for (int nd = 0; nd < OT; ++nd) {
+          const uint16_t* vp = v16 + (c * 16 + 2 * t) * LDS + nd * 8 + g;
+          const uint32_t bb[2] = {static_cast<uint32_t>(vp[0]) | (static_cast<uint32_t>(vp[LDS]) << 16),
+                                  static_cast<uint32_t>(vp[8 * LDS]) | (static_cast<uint32_t>(vp[9 * LDS]) << 16)};
+          mma16816<T>(o[nd], a, bb);
+        }
+      }
+    }
+  }
+
+  // Normalise and store rows qr, qr + 8 (columns < d).
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+  T* out = static_cast<T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + qr + 8 * r;
+    if (row >= p.lq) continue;
+#pragma unroll
+    for (int nd = 0; nd < OT; ++nd) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = nd * 8 + 2 * t + e;
+        if (col < p.d) out[row * p.o_stride_l + col] = from_float<T>(o[nd][2 * r + e] * inv[r]);
+      }
+    }
+  }
+#endif
+}
+
+template <int DP>
+struct SimtConfig {
+  static constexpr int BM = 32;                  // query rows per block: 8 row groups x 4 rows
+  static constexpr int BN = DP <= 128 ? 64 : 32;  // K/V rows per tile
+  static constexpr int LDQ = DP + 1, LDK = DP + 1, LDV = DP, LDP = BN + 1;  // odd pitches: no bank conflicts
+  static constexpr size_t smem_bytes() {
+    return static_cast<size_t>(BM * LDQ + BN * LDK + BN * LDV + BM * LDP) * sizeof(float);
+  }
+};
+
+// fp32 kernel (exact fp32 FMAs). Thread (ty = tid / 16, tx = tid % 16) owns query rows 4ty..4ty+3,
+// S columns tx + 16c and O columns tx + 16c; the 16 threads of a half-warp share rows.
+// Shared memory (float): Q [32][DP+1], K [BN][DP+1], V [BN][DP], P [32][BN+1].
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads) seg_attn_simt_kernel(const __grid_constant__ AttnParams p) {
+  using Cfg = SimtConfig<DP>;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, LDQ = Cfg::LDQ, LDK = Cfg::LDK, LDV = Cfg::LDV, LDP = Cfg::LDP;
+  constexpr int NC = BN / 16, DC = DP / 16;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* Qs = reinterpret_cast<float*>(smem_raw);
+  float* Ks = Qs + BM * LDQ;
+  float* Vs = Ks + BN * LDK;
+  float* Ps = Vs + BN * LDV;
+
+  const int bh = blockIdx.x / p.m_blocks, m0 = (blockIdx.x % p.m_blocks) * BM;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + m0 * p.q_stride_l;
+  load_tile<T, float, BM, DP, LDQ>(Qs, q, p.q_stride_l, p.lq - m0, p.d, p.vec16);
+
+  float o[4][DC] = {};
+  float m_run[4], l_run[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    m_run[i] = -INFINITY;
+    l_run[i] = 0.f;
+  }
+
+  for (int s = 0; s < p.n_segs; ++s) {
+    const SegmentParam& sp = p.seg[s];
+    const int len = p.len[s];
+    const T* kb = static_cast<const T*>(sp.k) + b * sp.k_stride_b + h * sp.k_stride_h;
+    const T* vb = static_cast<const T*>(sp.v) + b * sp.v_stride_b + h * sp.v_stride_h;
+    for (int n0 = 0; n0 < len; n0 += BN) {
+      __syncthreads();  // the previous K/V/P tile is consumed (and, first time round, Q is staged)
+      load_tile<T, float, BN, DP, LDK>(Ks, kb + n0 * sp.k_stride_l, sp.k_stride_l, len - n0, p.d, p.vec16);
+      load_tile<T, float, BN, DP, LDV>(Vs, vb + n0 * sp.v_stride_l, sp.v_stride_l, len - n0, p.d, p.vec16);
+      __syncthreads();
+
+      float sc[4][NC] = {};
+#pragma unroll 4
+      for (int k = 0; k < DP; ++k) {
+        float qv[4], kv[NC];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) qv[i] = Qs[(ty * 4 + i) * LDQ + k];
+#pragma unroll
+        for (int c = 0; c < NC; ++c) kv[c] = Ks[(tx + 16 * c) * LDK + k];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int c = 0; c < NC; ++c) sc[i][c] = fmaf(qv[i], kv[c], sc[i][c]);
+        }
+      }
+
+      const int valid = len - n0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          sc[i][c] = (tx + 16 * c < valid) ? sc[i][c] * p.scale_log2 : -INFINITY;
+          mx = fmaxf(mx, sc[i][c]);
+        }
+#pragma unroll
+        for (int off = 1; off < 16; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float m_new = fmaxf(m_run[i], mx);
+        const float mref = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = exp2f(m_run[i] - mref);
+        m_run[i] = m_new;
+        float rs = 0.f;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          const float pv = exp2f(sc[i][c] - mref);
+          Ps[(ty * 4 + i) * LDP + tx + 16 * c] = pv;
+          rs += pv;
+        }
+        l_run[i] = l_run[i] * alpha + rs;
+#pragma unroll
+        for (int c = 0; c < DC; ++c) o[i][c] *= alpha;
+      }
+      __syncwarp();  // P rows 4ty..4ty+3 are written and read by the same half-warp
+
+#pragma unroll 4
+      for (int n = 0; n < BN; ++n) {
+        float pv[4], vv[DC];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pv[i] = Ps[(ty * 4 + i) * LDP + n];
+#pragma unroll
+        for (int c = 0; c < DC; ++c) vv[c] = Vs[n * LDV + tx + 16 * c];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int c = 0; c < DC; ++c) o[i][c] = fmaf(pv[i], vv[c], o[i][c]);
+        }
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float l = l_run[i];
+#pragma unroll
+    for (int off = 1; off < 16; off <<= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = m0 + ty * 4 + i;
+    if (row >= p.lq) continue;
+#pragma unroll
+    for (int c = 0; c < DC; ++c) {
+      const int col = tx + 16 * c;
+      if (col < p.d) out[row * p.o_stride_l + col] = from_float<T>(o[i][c] * inv);
+    }
+  }
+}
+// ---- host code ----
+
+// Padded head dim a kernel is instantiated for: next multiple of 16 up to 128, of 32 above.
+int padded_head_dim(int64_t d) { return d <= 128 ? static_cast<int>((d + 15) / 16 * 16) : static_cast<int>((d + 31) / 32 * 32); }
+
+template <typename F>
+void with_head_dim(int dp, F&& f) {
+  switch (dp) {
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 48: f(std::integral_constant<int, 48>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 80: f(std::integral_constant<int, 80>{}); break;
+    case 96: f(std::integral_constant<int, 96>{}); break;
+    case 112: f(std::integral_constant<int, 112>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    case 160: f(std::integral_constant<int, 160>{}); break;
+    case 192: f(std::integral_constant<int, 192>{}); break;
+    case 224: f(std::integral_constant<int, 224>{}); break;
+    case 256: f(std::integral_constant<int, 256>{}); break;
+    default: TORCH_CHECK_VALUE(false, "halodiff: segmented_attention has no CUDA kernel for padded head dim ", dp);
+  }
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, const AttnParams& p, int64_t blocks, size_t smem, cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// A tensor as the kernels read it: last dim dense (a copy only for other layouts, which the Python
+// layer has already made contiguous).
+at::Tensor dense_last_dim(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+}  // namespace
+
+// Defined in segmented_attention_cpu.cpp (the argument checks shared with the CPU kernel).
+void check_segmented_attention(const at::Tensor& q, at::TensorList ks, at::TensorList vs, c10::optional<double> scale);
+
+namespace {
+
+at::Tensor segmented_attention_cuda(const at::Tensor& q_in, at::TensorList ks, at::TensorList vs,
+                                    c10::optional<double> scale) {
+  check_segmented_attention(q_in, ks, vs, scale);
+  TORCH_CHECK_VALUE(q_in.is_cuda(), "halodiff: segmented_attention CUDA kernel got q on ", q_in.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const auto dtype = q_in.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "halodiff: the segmented_attention CUDA kernel supports float16/bfloat16/float32, got ", dtype,
+                   "; use the reference backend for other dtypes");
+  const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), D = q_in.size(3);
+  // Output: a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer (like torch's SDPA).
+  at::Tensor out = at::empty({B, Lq, H, D}, q_in.options()).transpose(1, 2);
+  if (out.numel() == 0) return out;
+  TORCH_CHECK_VALUE(D <= kMaxHeadDim, "halodiff: the segmented_attention CUDA kernel supports head dims <= ",
+                    kMaxHeadDim, ", got ", D, "; use the triton/reference backend");
+  const at::Tensor q = dense_last_dim(q_in);
+  std::vector<at::Tensor> keep;  // owns any contiguous copies for the duration of the launch
+  AttnParams p{};
+  p.q = q.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.q_stride_b = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.q_stride_l = q.stride(2);
+  p.o_stride_b = out.stride(0);
+  p.o_stride_h = out.stride(1);
+  p.o_stride_l = out.stride(2);
+  const int64_t vec = 16 / static_cast<int64_t>(q.element_size());
+  bool vec16 = D % vec == 0 && aligned16(p.q) && p.q_stride_b % vec == 0 && p.q_stride_h % vec == 0 &&
+               p.q_stride_l % vec == 0;
+  int n = 0;
+  for (size_t i = 0; i < ks.size(); ++i) {
+    if (ks[i].size(2) == 0) continue;  // empty segments contribute nothing
+    TORCH_CHECK_VALUE(n < kMaxSegments, "halodiff: the segmented_attention CUDA kernel takes at most ", kMaxSegments,
+                      " non-empty segments in one launch, got more; use the triton/cpu/reference backend");
+    TORCH_CHECK_VALUE(ks[i].size(2) <= INT32_MAX, "halodiff: segment ", i, " is too long (", ks[i].size(2), " rows)");
+    const at::Tensor k = dense_last_dim(ks[i]), v = dense_last_dim(vs[i]);
+    keep.push_back(k);
+    keep.push_back(v);
+    SegmentParam& s = p.seg[n];
+    s.k = k.const_data_ptr();
+    s.v = v.const_data_ptr();
+    s.k_stride_b = k.stride(0);
+    s.k_stride_h = k.stride(1);
+    s.k_stride_l = k.stride(2);
+    s.v_stride_b = v.stride(0);
+    s.v_stride_h = v.stride(1);
+    s.v_stride_l = v.stride(2);
+    p.len[n] = static_cast<int32_t>(k.size(2));
+    vec16 = vec16 && aligned16(s.k) && aligned16(s.v) && s.k_stride_b % vec == 0 && s.k_stride_h % vec == 0 &&
+            s.k_stride_l % vec == 0 && s.v_stride_b % vec == 0 && s.v_stride_h % vec == 0 && s.v_stride_l % vec == 0;
+    ++n;
+  }
+  if (n == 0) return out.zero_();  // every segment is empty: no keys, the result is defined as zeros
+  TORCH_CHECK_VALUE(Lq <= INT32_MAX && B * H <= INT32_MAX, "halodiff: segmented_attention shape too large: ", q.sizes());
+  p.n_segs = n;
+  p.heads = static_cast<int32_t>(H);
+  p.lq = static_cast<int32_t>(Lq);
+  p.d = static_cast<int32_t>(D);
+  p.vec16 = vec16;
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
+  p.scale_log2 = static_cast<float>(s * 1.4426950408889634);  // log2(e)
+
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int dp = padded_head_dim(D);
+  const bool tensor_cores = dtype != at::kFloat;
+  if (tensor_cores) {
+    TORCH_CHECK_VALUE(at::cuda::getCurrentDeviceProperties()->major >= 8,
+                      "halodiff: the float16/bfloat16 segmented_attention CUDA kernel needs sm_80+ (mma.sync bf16/f16"
+                      " with fp32 accumulation); use the triton/reference backend on this GPU");
+  }
+  with_head_dim(dp, [&](auto dp_const) {
+    constexpr int DP = decltype(dp_const)::value;
+    if (tensor_cores) {
+      using Cfg = MmaConfig<DP>;
+      p.m_blocks = static_cast<int32_t>((Lq + Cfg::BM - 1) / Cfg::BM);
+      const int64_t blocks = B * H * p.m_blocks;
+      TORCH_CHECK_VALUE(blocks <= INT32_MAX, "halodiff: segmented_attention grid too large: ", blocks, " blocks");
+      const size_t smem = Cfg::smem_bytes(q.element_size());
+      if (dtype == at::kHalf) launch(seg_attn_mma_kernel<__half, DP>, p, blocks, smem, stream);
+      else launch(seg_attn_mma_kernel<__nv_bfloat16, DP>, p, blocks, smem, stream);
+    } else {
+      using Cfg = SimtConfig<DP>;
+      p.m_blocks = static_cast<int32_t>((Lq + Cfg::BM - 1) / Cfg::BM);
+      const int64_t blocks = B * H * p.m_blocks;
+      TORCH_CHECK_VALUE(blocks <= INT32_MAX, "halodiff: segmented_attention grid too large: ", blocks, " blocks");
+      launch(seg_attn_simt_kernel<float, DP>, p, blocks, Cfg::smem_bytes(), stream);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace halodiff
+
+TORCH_LIBRARY_IMPL(halodiff, CUDA, m) { m.impl("segmented_attention", &halodiff::segmented_attention_cuda); }
