@@ -8,6 +8,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <type_traits>
+
 #include "halodiff.h"
 
 namespace halodiff {
@@ -20,7 +22,15 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-__device__ __forceinline__ float2 warp_sum2(float2 a) {
+// grid = (B*G, splits). Block (bg, s) sums elements [s*chunk, min((s+1)*chunk, n)) of group bg.
+// Reads: the group's slice of x once. Writes: 2 floats per block.
+template <typename acc_t>
+struct Acc2 {
+  acc_t x, y;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Acc2<acc_t> warp_sum2(Acc2<acc_t> a) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     a.x += __shfl_xor_sync(0xffffffffu, a.x, off);
@@ -29,32 +39,31 @@ __device__ __forceinline__ float2 warp_sum2(float2 a) {
   return a;
 }
 
-// grid = (B*G, splits). Block (bg, s) sums elements [s*chunk, min((s+1)*chunk, n)) of group bg.
-// Reads: the group's slice of x once. Writes: 2 floats per block.
-template <typename scalar_t, int VEC>
+// acc_t is float (double for double inputs): partial sums and the result use it.
+template <typename scalar_t, typename acc_t, int VEC>
 __global__ void group_partial_sums_kernel(const scalar_t* __restrict__ x, int64_t group_numel, int64_t chunk,
-                                          float* __restrict__ partial) {
+                                          acc_t* __restrict__ partial) {
   const int64_t bg = blockIdx.x, s = blockIdx.y;
   const int64_t begin = s * chunk, end = min(group_numel, begin + chunk);
   const scalar_t* p = x + bg * group_numel;
-  float2 acc = make_float2(0.f, 0.f);
+  Acc2<acc_t> acc{0, 0};
   // begin and end are multiples of VEC whenever VEC > 1 (checked on the host).
   for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < end; i += static_cast<int64_t>(kThreads) * VEC) {
     Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(p + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float v = static_cast<float>(pk.v[j]);
+      const acc_t v = static_cast<acc_t>(pk.v[j]);
       acc.x += v;
       acc.y += v * v;
     }
   }
   acc = warp_sum2(acc);
-  __shared__ float2 warp_acc[kThreads / 32];
+  __shared__ Acc2<acc_t> warp_acc[kThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_acc[warp] = acc;
   __syncthreads();
   if (warp == 0) {
-    acc = lane < kThreads / 32 ? warp_acc[lane] : make_float2(0.f, 0.f);
+    acc = lane < kThreads / 32 ? warp_acc[lane] : Acc2<acc_t>{0, 0};
     acc = warp_sum2(acc);
     if (lane == 0) {
       partial[(bg * gridDim.y + s) * 2] = acc.x;
@@ -64,11 +73,12 @@ __global__ void group_partial_sums_kernel(const scalar_t* __restrict__ x, int64_
 }
 
 // One thread per (b, g): adds the `splits` partials in a fixed order (deterministic).
-__global__ void reduce_partials_kernel(const float* __restrict__ partial, int64_t n_bg, int splits,
-                                       float* __restrict__ out) {
+template <typename acc_t>
+__global__ void reduce_partials_kernel(const acc_t* __restrict__ partial, int64_t n_bg, int splits,
+                                       acc_t* __restrict__ out) {
   const int64_t bg = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (bg >= n_bg) return;
-  float s1 = 0.f, s2 = 0.f;
+  acc_t s1 = 0, s2 = 0;
   for (int s = 0; s < splits; ++s) {
     s1 += partial[(bg * splits + s) * 2];
     s2 += partial[(bg * splits + s) * 2 + 1];
@@ -78,34 +88,35 @@ __global__ void reduce_partials_kernel(const float* __restrict__ partial, int64_
 }
 
 // One thread per (b, c): scale = rstd * w[c], shift = bias[c] - mean * scale.
-__global__ void scale_shift_kernel(const float* __restrict__ stats, const float* __restrict__ w,
-                                   const float* __restrict__ bias, int64_t B, int64_t C, int64_t G, double count,
-                                   double eps, float* __restrict__ scale, float* __restrict__ shift) {
+template <typename acc_t>
+__global__ void scale_shift_kernel(const double* __restrict__ stats, const double* __restrict__ w,
+                                   const double* __restrict__ bias, int64_t B, int64_t C, int64_t G, double count,
+                                   double eps, acc_t* __restrict__ scale, acc_t* __restrict__ shift) {
   const int64_t bc = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (bc >= B * C) return;
   const int64_t b = bc / C, c = bc % C, g = c / (C / G);
   const double mean = stats[(b * G + g) * 2] / count;
   const double var = fmax(0.0, stats[(b * G + g) * 2 + 1] / count - mean * mean);
   const double rstd = rsqrt(var + eps);
-  const double sc = rstd * (w ? w[c] : 1.0f);
-  scale[bc] = static_cast<float>(sc);
-  shift[bc] = static_cast<float>((bias ? bias[c] : 0.0f) - mean * sc);
+  const double sc = rstd * (w ? w[c] : 1.0);
+  scale[bc] = static_cast<acc_t>(sc);
+  shift[bc] = static_cast<acc_t>((bias ? bias[c] : 0.0) - mean * sc);
 }
 
 // Grid-stride over VEC-element packs. Each pack lies in one (b, c) plane (HW % VEC == 0).
 // Reads x once, writes y once.
-template <typename scalar_t, int VEC, bool SILU>
+template <typename scalar_t, typename acc_t, int VEC, bool SILU>
 __global__ void apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n_packs, int64_t HW,
-                             const float* __restrict__ scale, const float* __restrict__ shift) {
+                             const acc_t* __restrict__ scale, const acc_t* __restrict__ shift) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_packs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t e = i * VEC, bc = e / HW;
-    const float sc = scale[bc], sh = shift[bc];
+    const acc_t sc = scale[bc], sh = shift[bc];
     Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(x + e);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      float v = static_cast<float>(pk.v[j]) * sc + sh;
-      if (SILU) v = v / (1.f + __expf(-v));
+      acc_t v = static_cast<acc_t>(pk.v[j]) * sc + sh;
+      if (SILU) v = v / (acc_t(1) + exp(-v));
       pk.v[j] = static_cast<scalar_t>(v);
     }
     *reinterpret_cast<Pack<scalar_t, VEC>*>(y + e) = pk;
@@ -123,6 +134,7 @@ int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCou
 
 template <typename scalar_t>
 void launch_group_stats(const at::Tensor& x, int64_t n_bg, int64_t group_numel, at::Tensor& out) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int vec = pick_vec<scalar_t>(x.const_data_ptr(), group_numel);
   // Enough blocks to fill the GPU ~4x, each with at least a few passes of the block.
@@ -135,21 +147,21 @@ void launch_group_stats(const at::Tensor& x, int64_t n_bg, int64_t group_numel, 
   at::Tensor partial = at::empty({n_bg, splits, 2}, out.options());
   const dim3 grid(static_cast<unsigned>(n_bg), static_cast<unsigned>(splits));
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  float* pp = partial.mutable_data_ptr<float>();
+  acc_t* pp = partial.mutable_data_ptr<acc_t>();
   switch (vec) {
-    case 8: group_partial_sums_kernel<scalar_t, 8><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
-    case 4: group_partial_sums_kernel<scalar_t, 4><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
-    case 2: group_partial_sums_kernel<scalar_t, 2><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
-    default: group_partial_sums_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
+    case 8: group_partial_sums_kernel<scalar_t, acc_t, 8><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
+    case 4: group_partial_sums_kernel<scalar_t, acc_t, 4><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
+    case 2: group_partial_sums_kernel<scalar_t, acc_t, 2><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
+    default: group_partial_sums_kernel<scalar_t, acc_t, 1><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  reduce_partials_kernel<<<(n_bg + 127) / 128, 128, 0, stream>>>(partial.const_data_ptr<float>(), n_bg,
-                                                                  static_cast<int>(splits), out.mutable_data_ptr<float>());
+  reduce_partials_kernel<acc_t><<<(n_bg + 127) / 128, 128, 0, stream>>>(
+      partial.const_data_ptr<acc_t>(), n_bg, static_cast<int>(splits), out.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, bool SILU>
-void launch_apply_vec(const at::Tensor& x, at::Tensor& out, int64_t HW, const float* sc, const float* sh) {
+template <typename scalar_t, typename acc_t, bool SILU>
+void launch_apply_vec(const at::Tensor& x, at::Tensor& out, int64_t HW, const acc_t* sc, const acc_t* sh) {
   auto stream = at::cuda::getCurrentCUDAStream();
   const int vec = pick_vec<scalar_t>(x.const_data_ptr(), HW);
   const int64_t n_packs = x.numel() / vec;
@@ -157,10 +169,10 @@ void launch_apply_vec(const at::Tensor& x, at::Tensor& out, int64_t HW, const fl
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = out.mutable_data_ptr<scalar_t>();
   switch (vec) {
-    case 8: apply_kernel<scalar_t, 8, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
-    case 4: apply_kernel<scalar_t, 4, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
-    case 2: apply_kernel<scalar_t, 2, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
-    default: apply_kernel<scalar_t, 1, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
+    case 8: apply_kernel<scalar_t, acc_t, 8, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
+    case 4: apply_kernel<scalar_t, acc_t, 4, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
+    case 2: apply_kernel<scalar_t, acc_t, 2, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
+    default: apply_kernel<scalar_t, acc_t, 1, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -170,7 +182,9 @@ at::Tensor group_stats_cuda(const at::Tensor& x_in, int64_t num_groups) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), n_bg = B * num_groups;
-  at::Tensor out = at::empty({B, num_groups, 2}, x.options().dtype(at::kFloat));
+  // float32 sums (float64 for float64 inputs).
+  at::Tensor out = at::empty({B, num_groups, 2},
+                             x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   if (n_bg == 0) return out;
   const int64_t group_numel = x.numel() / n_bg;
   if (group_numel == 0) return out.zero_();
@@ -195,25 +209,26 @@ at::Tensor group_norm_cuda(const at::Tensor& x_in, int64_t num_groups, const c10
   at::Tensor st;
   double n = count;
   if (stats.has_value() && stats->defined()) {
-    st = stats->contiguous();
+    st = stats->to(at::kDouble).contiguous();  // [B, G, 2]: a tiny conversion
   } else {
-    st = group_stats_cuda(x, num_groups);
+    st = group_stats_cuda(x, num_groups).to(at::kDouble);
     n = static_cast<double>(C / num_groups * HW);
   }
-  const at::Tensor w = (weight.has_value() && weight->defined()) ? weight->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor bb = (bias.has_value() && bias->defined()) ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor ss = at::empty({2, B * C}, x.options().dtype(at::kFloat));
+  const at::Tensor w = (weight.has_value() && weight->defined()) ? weight->to(at::kDouble).contiguous() : at::Tensor();
+  const at::Tensor bb = (bias.has_value() && bias->defined()) ? bias->to(at::kDouble).contiguous() : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
-  scale_shift_kernel<<<(B * C + 255) / 256, 256, 0, stream>>>(
-      st.const_data_ptr<float>(), w.defined() ? w.const_data_ptr<float>() : nullptr,
-      bb.defined() ? bb.const_data_ptr<float>() : nullptr, B, C, num_groups, n, eps, ss[0].mutable_data_ptr<float>(),
-      ss[1].mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const float* sc = ss[0].const_data_ptr<float>();
-  const float* sh = ss[1].const_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_cuda", [&] {
-    if (silu) launch_apply_vec<scalar_t, true>(x, out, HW, sc, sh);
-    else launch_apply_vec<scalar_t, false>(x, out, HW, sc, sh);
+    // Per-(b, c) scale/shift in the compute type: float, double for double inputs.
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    at::Tensor ss = at::empty({2, B * C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc_t* sc = ss[0].mutable_data_ptr<acc_t>();
+    acc_t* sh = ss[1].mutable_data_ptr<acc_t>();
+    scale_shift_kernel<acc_t><<<(B * C + 255) / 256, 256, 0, stream>>>(
+        st.const_data_ptr<double>(), w.defined() ? w.const_data_ptr<double>() : nullptr,
+        bb.defined() ? bb.const_data_ptr<double>() : nullptr, B, C, num_groups, n, eps, sc, sh);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (silu) launch_apply_vec<scalar_t, acc_t, true>(x, out, HW, sc, sh);
+    else launch_apply_vec<scalar_t, acc_t, false>(x, out, HW, sc, sh);
   });
   return out;
 }

@@ -40,7 +40,8 @@ void check_stats(const c10::optional<at::Tensor>& stats, const at::Tensor& x, in
   TORCH_CHECK_VALUE(s.dim() == 3 && s.size(0) == x.size(0) && s.size(1) == num_groups && s.size(2) == 2,
                     "halodiff: stats must have shape [B, G, 2] = [", x.size(0), ", ", num_groups, ", 2], got ",
                     s.sizes());
-  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "halodiff: stats must be float32, got ", s.scalar_type());
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat || (s.scalar_type() == at::kDouble && x.scalar_type() == at::kDouble),
+                   "halodiff: stats must be float32 (or float64 for a float64 x), got ", s.scalar_type());
   TORCH_CHECK_VALUE(s.device() == x.device(), "halodiff: stats is on ", s.device(), " but x is on ", x.device());
   TORCH_CHECK_VALUE(count > 0, "halodiff: count (elements per group covered by stats) must be > 0, got ", count);
 }
@@ -152,16 +153,22 @@ at::Tensor group_stats_cpu(const at::Tensor& x_in, int64_t num_groups) {
   check_group_args(x_in, num_groups);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), group_numel = x.numel() / std::max<int64_t>(1, B * num_groups);
-  at::Tensor out = at::empty({B, num_groups, 2}, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
+  // Sums are float32, or float64 for float64 inputs (their own accumulation precision).
+  const bool f64 = x.scalar_type() == at::kDouble;
+  at::Tensor out = at::empty({B, num_groups, 2}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_stats_cpu", [&] {
     const scalar_t* p = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, B * num_groups, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bg = begin; bg < end; ++bg) {
         double s1 = 0, s2 = 0;
         sum_and_squares(p + bg * group_numel, group_numel, s1, s2);
-        o[2 * bg] = static_cast<float>(s1);
-        o[2 * bg + 1] = static_cast<float>(s2);
+        if (f64) {
+          out.mutable_data_ptr<double>()[2 * bg] = s1;
+          out.mutable_data_ptr<double>()[2 * bg + 1] = s2;
+        } else {
+          out.mutable_data_ptr<float>()[2 * bg] = static_cast<float>(s1);
+          out.mutable_data_ptr<float>()[2 * bg + 1] = static_cast<float>(s2);
+        }
       }
     });
   });
@@ -180,16 +187,16 @@ at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t num_groups, const c10:
   at::Tensor st;
   double n = count;
   if (stats.has_value() && stats->defined()) {
-    st = stats->contiguous();
+    st = stats->to(at::kDouble).contiguous();
   } else {
-    st = group_stats_cpu(x, num_groups);
+    st = group_stats_cpu(x, num_groups).to(at::kDouble);
     n = static_cast<double>(cpg * HW);
   }
   // Per (b, c): y = x * scale + shift, with scale = rstd * w, shift = b - mean * scale.
   at::Tensor w = (weight.has_value() && weight->defined()) ? weight->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor bb = (bias.has_value() && bias->defined()) ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  std::vector<float> scale(B * C), shift(B * C);
-  const float* sp = st.const_data_ptr<float>();
+  std::vector<double> scale(B * C), shift(B * C);
+  const double* sp = st.const_data_ptr<double>();
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t g = 0; g < num_groups; ++g) {
       const double mean = sp[2 * (b * num_groups + g)] / n;
@@ -197,8 +204,8 @@ at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t num_groups, const c10:
       const double rstd = 1.0 / std::sqrt(var + eps);
       for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
         const double sc = rstd * (w.defined() ? w.const_data_ptr<float>()[c] : 1.0f);
-        scale[b * C + c] = static_cast<float>(sc);
-        shift[b * C + c] = static_cast<float>((bb.defined() ? bb.const_data_ptr<float>()[c] : 0.0f) - mean * sc);
+        scale[b * C + c] = sc;
+        shift[b * C + c] = (bb.defined() ? bb.const_data_ptr<float>()[c] : 0.0f) - mean * sc;
       }
     }
   }

@@ -146,3 +146,15 @@ def test_halo_pack_zero_rows(backend):
     with ops.use_backend(backend):
         assert ops.halo_pack(ts, 0, 0).numel() == 0
         torch.testing.assert_close(ops.halo_pack(ts, 4, 0), ts[0].reshape(-1), rtol=0, atol=0)
+
+
+def test_group_ops_float64_keep_float64_precision(backend):
+    """float64 inputs get float64 sums, so patch-parallel GroupNorm in float64 stays exact to ~1e-15."""
+    dev = run_device(backend)
+    x = torch.randn(2, 12, 7, 5, device=dev, dtype=torch.float64) * 3 + 2
+    with ops.use_backend(backend):
+        stats = ops.group_stats(x, 3)
+        y = ops.group_norm(x, 3, stats=stats, count=4.0 * 7 * 5, eps=1e-6)
+    assert stats.dtype == torch.float64
+    torch.testing.assert_close(stats, reference.group_stats(x, 3), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(y, F.group_norm(x, 3, eps=1e-6), rtol=1e-12, atol=1e-12)

@@ -19,17 +19,17 @@ APPLY_BLOCK = 1024
 
 
 @triton.jit
-def _partial_sums(x_ptr, part_ptr, group_numel, chunk, n_splits, BLOCK: tl.constexpr):
+def _partial_sums(x_ptr, part_ptr, group_numel, chunk, n_splits, BLOCK: tl.constexpr, ACC: tl.constexpr):
     bg = tl.program_id(0)
     s = tl.program_id(1)
     base = x_ptr + bg.to(tl.int64) * group_numel
     start = s * chunk
     end = tl.minimum(start + chunk, group_numel)
-    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK], dtype=ACC)
+    acc2 = tl.zeros([BLOCK], dtype=ACC)
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        v = tl.load(base + idx, mask=idx < end, other=0.0).to(tl.float32)
+        v = tl.load(base + idx, mask=idx < end, other=0.0).to(ACC)
         acc1 += v
         acc2 += v * v
     out = part_ptr + (bg.to(tl.int64) * n_splits + s) * 2
@@ -38,7 +38,7 @@ def _partial_sums(x_ptr, part_ptr, group_numel, chunk, n_splits, BLOCK: tl.const
 
 
 @triton.jit
-def _apply(x_ptr, y_ptr, scale_ptr, shift_ptr, HW, SILU: tl.constexpr, BLOCK: tl.constexpr):
+def _apply(x_ptr, y_ptr, scale_ptr, shift_ptr, HW, SILU: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     bc = tl.program_id(0)
     j = tl.program_id(1)
     sc = tl.load(scale_ptr + bc)
@@ -46,10 +46,15 @@ def _apply(x_ptr, y_ptr, scale_ptr, shift_ptr, HW, SILU: tl.constexpr, BLOCK: tl
     idx = j * BLOCK + tl.arange(0, BLOCK)
     mask = idx < HW
     off = bc.to(tl.int64) * HW + idx
-    v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) * sc + sh
+    v = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC) * sc + sh
     if SILU:
         v = v / (1.0 + tl.exp(-v))
     tl.store(y_ptr + off, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """Sums are float32, float64 for float64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _splits(n_bg: int, group_numel: int, device: torch.device) -> tuple[int, int]:
@@ -67,16 +72,18 @@ def _group_stats_op(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     n_bg = B * num_groups
     group_numel = x.numel() // max(n_bg, 1)
     if n_bg == 0 or group_numel == 0:
-        return torch.zeros((B, num_groups, 2), dtype=torch.float32, device=x.device)
+        return torch.zeros((B, num_groups, 2), dtype=_stats_dtype(x), device=x.device)
     splits, chunk = _splits(n_bg, group_numel, x.device)
-    partial = torch.empty((n_bg, splits, 2), dtype=torch.float32, device=x.device)
-    wrap_triton(_partial_sums)[(n_bg, splits)](x, partial, group_numel, chunk, splits, BLOCK=STATS_BLOCK)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    partial = torch.empty((n_bg, splits, 2), dtype=acc, device=x.device)
+    wrap_triton(_partial_sums)[(n_bg, splits)](x, partial, group_numel, chunk, splits, BLOCK=STATS_BLOCK,
+                                               ACC=tl.float64 if acc == torch.float64 else tl.float32)
     return partial.sum(1).view(B, num_groups, 2)
 
 
 @_group_stats_op.register_fake
 def _(x, num_groups):
-    return x.new_empty((x.shape[0], num_groups, 2), dtype=torch.float32)
+    return x.new_empty((x.shape[0], num_groups, 2), dtype=_stats_dtype(x))
 
 
 @triton_op("halodiff_triton::group_norm", mutates_args=())
@@ -104,12 +111,14 @@ def _group_norm_op(
     shift = -mean.repeat_interleave(cpg, dim=1) * scale
     if bias is not None:
         shift = shift + bias.double()
-    scale = scale.float().contiguous()
-    shift = shift.float().contiguous()
+    f64 = x.dtype == torch.float64
+    scale = scale.to(torch.float64 if f64 else torch.float32).contiguous()
+    shift = shift.to(scale.dtype).contiguous()
     y = torch.empty_like(x)
     if x.numel():
         grid = (B * C, triton.cdiv(H * W, APPLY_BLOCK))
-        wrap_triton(_apply)[grid](x, y, scale, shift, H * W, SILU=silu, BLOCK=APPLY_BLOCK)
+        wrap_triton(_apply)[grid](x, y, scale, shift, H * W, SILU=silu, BLOCK=APPLY_BLOCK,
+                                  ACC=tl.float64 if f64 else tl.float32)
     return y
 
 

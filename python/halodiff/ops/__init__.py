@@ -37,7 +37,7 @@ __all__ = [
 
 
 def group_stats(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Per-(batch, group) Σx and Σx² of x[B, C, H, W] as a float32 tensor [B, G, 2]."""
+    """Per-(batch, group) Σx and Σx² of x[B, C, H, W] as [B, G, 2] (float32; float64 for float64 x)."""
     x, num_groups = _v.group_input(x, num_groups)
     return OPS["group_stats"](x.device, x, num_groups)
 

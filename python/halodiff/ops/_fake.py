@@ -10,7 +10,8 @@ import torch
 def register_fakes() -> None:
     @torch.library.register_fake("halodiff::group_stats")
     def _group_stats(x, num_groups):
-        return x.new_empty((x.shape[0], num_groups, 2), dtype=torch.float32)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_empty((x.shape[0], num_groups, 2), dtype=dtype)
 
     @torch.library.register_fake("halodiff::group_norm")
     def _group_norm(x, num_groups, weight, bias, eps, silu, stats, count):

@@ -50,8 +50,8 @@ def stats(s: torch.Tensor | None, count: float | None, x: torch.Tensor, num_grou
             f"stats must have shape [B, G, 2] = [{x.shape[0]}, {num_groups}, 2] (a group_stats result), "
             f"got {tuple(s.shape)}"
         )
-    if s.dtype != torch.float32:
-        raise TypeError(f"stats must be float32 (as group_stats returns), got {s.dtype}")
+    if not (s.dtype == torch.float32 or (s.dtype == torch.float64 and x.dtype == torch.float64)):
+        raise TypeError(f"stats must be float32 (float64 allowed for a float64 x), as group_stats returns; got {s.dtype}")
     if s.device != x.device:
         raise ValueError(f"stats is on {s.device} but x is on {x.device}")
     if count is None or not (float(count) > 0):

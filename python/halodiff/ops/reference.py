@@ -16,9 +16,9 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def group_stats(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Per-(batch, group) [Σx, Σx²] of x[B, C, H, W] as float32 [B, G, 2]."""
+    """Per-(batch, group) [Σx, Σx²] of x[B, C, H, W] as [B, G, 2]: float32, float64 for float64 x."""
     xa = x.to(_acc_dtype(x)).reshape(x.shape[0], num_groups, -1)
-    return torch.stack([xa.sum(-1), (xa * xa).sum(-1)], dim=-1).float()
+    return torch.stack([xa.sum(-1), (xa * xa).sum(-1)], dim=-1)
 
 
 def group_norm(

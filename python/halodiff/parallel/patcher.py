@@ -78,18 +78,22 @@ def _split_batch(obj, full: int, half: int):
     return obj
 
 
-def _band_slice(obj, state: ModelState, step: StepInfo):
-    """Cut full-size residual tensors (from an unpatched ControlNet / adapter) to this rank's band."""
-    if isinstance(obj, torch.Tensor):
-        if obj.dim() == 4 and step.topo.n > 1 and obj.shape[-2] > state.deep_height:
-            heights = {i.in_shape[-2] for i in state.layers.values() if len(i.in_shape) == 4}
-            if obj.shape[-2] in heights:
-                s, e = step.bands.bounds(obj.shape[-2])[step.topo.index]
-                return obj[..., s:e, :]
+def _band_slice(obj, step: StepInfo, full_height: int):
+    """Cut residuals that are still full size (from an unpatched ControlNet / adapter) to this rank's band.
+
+    A residual is full size iff it has the global height of its level (`full_height` for the first
+    entry: level 0 for down-block lists, the deepest level for the mid residual); residuals of a patched
+    ControlNet are already band-local and pass unchanged. Global heights differ per level, so each full
+    tensor's own height selects its band."""
+    tensors = obj if isinstance(obj, (list, tuple)) else [obj]
+    if step.topo.n == 1 or not tensors or not isinstance(tensors[0], torch.Tensor) or \
+            tensors[0].shape[-2] != full_height:
         return obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_band_slice(o, state, step) for o in obj)
-    return obj
+    cut = []
+    for t in tensors:
+        s, e = step.bands.bounds(t.shape[-2])[step.topo.index]
+        cut.append(t[..., s:e, :])
+    return type(obj)(cut) if isinstance(obj, (list, tuple)) else cut[0]
 
 
 class _ModelHooks:
@@ -122,7 +126,9 @@ class _ModelHooks:
             st.step = -1
             st.needs_reset = False
             if signature != st.signature and ctx.world > 1:
-                ctx.trace(st, tuple(args), kwargs, topo)
+                # Residuals may already be band-local (from a patched ControlNet); layer shapes do not
+                # depend on them, so the trace runs without them.
+                ctx.trace(st, tuple(args), {k: (None if k in RESIDUAL_KWARGS else v) for k, v in kwargs.items()}, topo)
                 st.signature = signature
         st.step += 1
         st.last_t = t
@@ -132,7 +138,8 @@ class _ModelHooks:
         step = StepInfo(st, topo, bands, st.step, cfg.mode == "sync" or st.step < cfg.warmup_steps, last)
         for name in RESIDUAL_KWARGS:
             if kwargs.get(name) is not None:
-                kwargs[name] = _band_slice(kwargs[name], st, step)
+                full = st.deep_height if name.startswith("mid") else sample.shape[-2]
+                kwargs[name] = _band_slice(kwargs[name], step, full)
         ctx.active = step
         return tuple(args), kwargs
 
