@@ -208,7 +208,7 @@ def _dying_peer_worker(rank, world, behaviour):
     if rank == 1:
         if behaviour == "dies":
             os._exit(0)
-        time.sleep(25)  # alive but silent
+        time.sleep(10)  # alive but silent (longer than timeout_s)
         return "slept"
     t0 = time.time()
     try:

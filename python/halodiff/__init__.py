@@ -6,6 +6,7 @@ Patch parallelism (DistriFusion), partial conditioning (PCPP) and cached-feature
 from __future__ import annotations
 
 from . import ops
+from .cache import deepcache_schedule, disable_deepcache, enable_deepcache
 from .config import ParallelConfig
 from .dist import CommStats
 from .errors import BackendUnavailableError, CommTimeoutError, HalodiffError, PatchError
@@ -18,6 +19,9 @@ __all__ = [
     "CommStats",
     "ParallelConfig",
     "comm_stats",
+    "deepcache_schedule",
+    "disable_deepcache",
+    "enable_deepcache",
     "patch",
     "unpatch",
     "CommTimeoutError",

@@ -29,29 +29,42 @@ class E2EResult:
     per_rank_bytes_by_kind: list | None = None
 
 
-def _build(model: str):
+def _build(model: str, batch: int, hw: tuple[int, int]):
+    """(unet, sample, encoder_hidden_states, extra kwargs) with the real pipeline's input shapes."""
+    if model == "digits":
+        from .models.digits import NULL_LABEL, load_digits_pipeline
+
+        pipe = load_digits_pipeline()
+        g = torch.Generator().manual_seed(0)
+        labels = torch.tensor([NULL_LABEL] * (batch // 2) + list(range(batch - batch // 2)))
+        with torch.no_grad():
+            text = pipe.label_embedding(labels)
+        sample = torch.randn(batch, pipe.unet.config.in_channels, *hw, generator=g)
+        return pipe.unet.eval(), sample, text, {}
     from diffusers import UNet2DConditionModel
 
-    from .models.sd_configs import unet_config
+    from .models.sd_configs import unet_config, unet_inputs
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(**unet_config(model)).eval()
+    unet = UNet2DConditionModel(**unet_config(model)).eval()
+    return (unet, *unet_inputs(model, batch, hw))
 
 
 def _worker(rank: int, world: int, model: str, latent: tuple[int, int], mode: str | None, split_cfg: bool,
             warmup: int, timed: int, halo_fraction: float):
     import halodiff
-    from halodiff.models.sd_configs import unet_inputs
 
-    unet = _build(model)
-    sample, text, extra = unet_inputs(model, 2, latent)
-    if mode is not None:
+    unet, sample, text, extra = _build(model, 2, latent)
+    patched = mode not in (None, "deepcache")
+    if patched:
         halodiff.patch(unet, halodiff.ParallelConfig(mode=mode, warmup_steps=warmup, split_cfg=split_cfg,
                                                      halo_fraction=halo_fraction))
+    if mode == "deepcache":
+        halodiff.enable_deepcache(unet, interval=3, branch_id=0)
     times, per_step = [], []
     timesteps = torch.linspace(999, 1, warmup + timed).round()
     for i, t in enumerate(timesteps):
-        if mode is not None:
+        if patched:
             stats = halodiff.comm_stats(unet)
             stats.reset()
         t0 = time.perf_counter()
@@ -60,10 +73,11 @@ def _worker(rank: int, world: int, model: str, latent: tuple[int, int], mode: st
         dt = time.perf_counter() - t0
         if i >= warmup:
             times.append(dt)
-            if mode is not None:
+            if patched:
                 per_step.append(dict(stats.bytes_by_kind))
     kinds = {k: statistics.mean(d[k] for d in per_step) for k in per_step[0]} if per_step else {}
-    return statistics.median(times), kinds
+    # DeepCache alternates full and partial steps: its cost is the mean step, not the median.
+    return (statistics.mean(times) if mode == "deepcache" else statistics.median(times)), kinds
 
 
 def run(model: str = "sd15", latent: int | tuple[int, int] = 64, ranks: int = 2,
@@ -77,11 +91,12 @@ def run(model: str = "sd15", latent: int | tuple[int, int] = 64, ranks: int = 2,
                                    timeout_s=3600)[0]
         results.append(E2EResult(model, f"{hw[0]}x{hw[1]}", 1, "single", False, base, 1.0, 0.0, {}))
     for mode in modes:
-        per_rank = launch.run_ranks(_worker, ranks, model, hw, mode, split_cfg, warmup, timed, halo_fraction,
+        n = 1 if mode == "deepcache" else ranks
+        per_rank = launch.run_ranks(_worker, n, model, hw, mode, split_cfg, warmup, timed, halo_fraction,
                                     threads=threads, timeout_s=3600)
         step = max(r[0] for r in per_rank)
         kinds = {k: max(r[1].get(k, 0) for r in per_rank) for k in per_rank[0][1]}
-        results.append(E2EResult(model, f"{hw[0]}x{hw[1]}", ranks, mode, split_cfg, step,
+        results.append(E2EResult(model, f"{hw[0]}x{hw[1]}", n, mode, split_cfg and mode != "deepcache", step,
                                  base / step if base else None, sum(kinds.values()) / 1e6, kinds,
                                  [r[1] for r in per_rank]))
     return results

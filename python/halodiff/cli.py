@@ -1,9 +1,22 @@
-"""The `halodiff` command line: info | demo | bench."""
+"""The `halodiff` command line (also `python -m halodiff`):
+
+    halodiff info [--json]
+    halodiff demo [--out DIR] [--ranks N] [--steps S]
+    halodiff bench e2e --model sd15|sdxl|digits --resolution R --steps S --ranks N --modes sync,distrifusion,...
+    halodiff bench kernels [--out DIR]
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
+
+E2E_MODES = ("sync", "distrifusion", "pcpp", "deepcache")
+VAE_FACTOR = {"sd15": 8, "sd21": 8, "sdxl": 8, "digits": 1}
+DOWNSAMPLES = {"sd15": 3, "sd21": 3, "sdxl": 2, "digits": None}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -13,12 +26,96 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"halodiff: error: {message}\n")
 
 
+def _fail(message: str) -> int:
+    print(f"halodiff: error: {message}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="halodiff", description=__doc__)
+    parser = _Parser(prog="halodiff", description="halodiff: faster diffusers UNet pipelines (see README.md)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p_info = sub.add_parser("info", help="versions, native build state and per-op backends")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p_demo = sub.add_parser("demo", help="generate digits with every method; write grid, report and plots")
+    p_demo.add_argument("--out", type=Path, default=Path("demo_out"))
+    p_demo.add_argument("--ranks", type=int, default=2)
+    p_demo.add_argument("--steps", type=int, default=20)
+    p_demo.add_argument("--per-class", type=int, default=3, help="images per digit")
+
+    p_bench = sub.add_parser("bench", help="benchmarks")
+    bsub = p_bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    e2e = bsub.add_parser("e2e", help="end-to-end patch-parallel benchmark on CPU gloo ranks")
+    e2e.add_argument("--model", choices=sorted(VAE_FACTOR), default="sd15")
+    e2e.add_argument("--resolution", type=int, default=512, help="image size in pixels (square)")
+    e2e.add_argument("--steps", type=int, default=3, help="timed UNet steps per run")
+    e2e.add_argument("--warmup", type=int, default=1, help="untimed sync steps before them")
+    e2e.add_argument("--ranks", type=int, default=2)
+    e2e.add_argument("--modes", default="sync,distrifusion")
+    e2e.add_argument("--split-cfg", action="store_true")
+    e2e.add_argument("--threads", type=int, default=1, help="threads per rank")
+    e2e.add_argument("--json", type=Path)
+    kern = bsub.add_parser("kernels", help="kernel microbenchmarks (pytest-benchmark)")
+    kern.add_argument("--out", type=Path, default=Path("bench_out"))
     return parser
+
+
+def _check_e2e(args) -> str | None:
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in E2E_MODES]
+    if unknown or not modes:
+        return f"unknown mode(s) {','.join(unknown) or '(none)'}; choose from {','.join(E2E_MODES)}"
+    if args.ranks < 1:
+        return f"--ranks must be >= 1, got {args.ranks}"
+    if args.steps < 1:
+        return f"--steps must be >= 1, got {args.steps}"
+    factor = VAE_FACTOR[args.model]
+    if args.resolution <= 0 or args.resolution % factor:
+        return f"--resolution {args.resolution} must be a positive multiple of {factor} for {args.model}"
+    latent = args.resolution // factor
+    downs = DOWNSAMPLES[args.model]
+    if downs is None:
+        from .models.digits import digits_unet_config
+
+        downs = sum(1 for t in digits_unet_config()["down_block_types"]) - 1
+    deep = latent
+    for _ in range(downs):
+        deep = -(-deep // 2)
+    if deep < args.ranks:
+        need = (args.ranks - 1) * (1 << downs) + 1
+        return (f"--resolution {args.resolution} gives {deep} rows at the deepest UNet level, fewer than "
+                f"--ranks {args.ranks}: use --resolution >= {need * factor} or fewer ranks")
+    return None
+
+
+def _bench_e2e(args) -> int:
+    error = _check_e2e(args)
+    if error:
+        return _fail(error)
+    from . import bench_e2e
+
+    modes = tuple(m for m in args.modes.split(",") if m)
+    res = bench_e2e.run(args.model, args.resolution // VAE_FACTOR[args.model], args.ranks, modes, args.split_cfg,
+                        args.warmup, args.steps, args.threads)
+    print(bench_e2e.table(res))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(bench_e2e.as_dicts(res), indent=2))
+    return 0
+
+
+def _bench_kernels(args) -> int:
+    bench_dir = Path(__file__).resolve().parents[2] / "bench"
+    if not (bench_dir / "test_kernels.py").exists():
+        return _fail(f"kernel benchmarks not found at {bench_dir} (run from a source checkout of halodiff)")
+    files = sorted(str(p) for p in bench_dir.glob("test_*.py"))
+    env = dict(os.environ, HALODIFF_BENCH_OUT=str(args.out.resolve()))
+    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--benchmark-columns=median", *files], env=env, cwd=bench_dir.parent)
+    csv = args.out / "kernels.csv"
+    if csv.exists():
+        print(f"\nresults: {csv} and {csv.with_suffix('.json')}")
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         data = collect()
         print(json.dumps(data, indent=2) if args.json else format_text(data))
         return 0
+    if args.command == "demo":
+        if args.ranks < 1:
+            return _fail(f"--ranks must be >= 1, got {args.ranks}")
+        if args.steps < 1 or args.per_class < 1:
+            return _fail(f"--steps and --per-class must be >= 1, got {args.steps} and {args.per_class}")
+        if args.ranks > 8:
+            return _fail(f"--ranks {args.ranks}: the 32x32 digits model has 8 rows at its deepest level, "
+                         "so at most 8 ranks")
+        from .demo import run_demo
+
+        return run_demo(args.out, ranks=args.ranks, steps=args.steps, per_class=args.per_class)
+    if args.command == "bench":
+        return _bench_e2e(args) if args.bench == "e2e" else _bench_kernels(args)
     return 2  # pragma: no cover - argparse enforces the choices
 
 

@@ -102,10 +102,16 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.reset(token)
 
 
+@functools.lru_cache(maxsize=None)
+def _cached_static_reasons(backend: str, device_type: str, forced: bool, interpreting: bool) -> tuple[str, ...]:
+    return tuple(backend_reasons(backend) or device_reasons(backend, torch.device(device_type), forced))
+
+
 @torch.compiler.assume_constant_result
 def _static_reasons(backend: str, device_type: str, forced: bool) -> tuple[str, ...]:
-    """Input-independent reasons (environment + device); a trace-time constant under torch.compile."""
-    return tuple(backend_reasons(backend) or device_reasons(backend, torch.device(device_type), forced))
+    """Input-independent reasons (environment + device); a trace-time constant under torch.compile.
+    Cached: dispatch runs on every op call of the patched layers."""
+    return _cached_static_reasons(backend, device_type, forced, triton_interpreting())
 
 
 @dataclass

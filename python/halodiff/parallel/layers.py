@@ -44,6 +44,23 @@ def _halo_plan(step: StepInfo, info: LayerInfo, conv: torch.nn.Conv2d, j: int) -
 
 def halo_conv_forward(ctx: ParallelContext, key: str, conv: torch.nn.Conv2d, original: Callable) -> Callable:
     pad_w = conv.padding[1]
+    plans: dict[tuple, tuple] = {}  # per band geometry: (plan, exchange kwargs); computed once
+
+    def plan_for(step: StepInfo, info: LayerInfo) -> tuple[dict[str, int], dict]:
+        sig = (step.bands, step.topo.index, info.in_shape[-2], info.out_shape[-2])
+        if sig not in plans:
+            j, n = step.topo.index, step.topo.n
+            plan = _halo_plan(step, info, conv, j)
+            heights = step.bands.heights(info.in_shape[-2])
+            if plan["from_up"] > (heights[j - 1] if j > 0 else 0) or plan["from_down"] > (
+                    heights[j + 1] if j + 1 < n else 0):
+                raise PatchError(f"halodiff: {key}: the conv needs more halo rows than a neighbour band holds "
+                                 f"(band heights {heights}); use fewer ranks or a larger resolution")
+            send_up = _halo_plan(step, info, conv, j - 1)["from_down"] if j > 0 else 0
+            send_down = _halo_plan(step, info, conv, j + 1)["from_up"] if j + 1 < n else 0
+            plans[sig] = (plan, dict(send_up=send_up, send_down=send_down, recv_up=plan["from_up"],
+                                     recv_down=plan["from_down"], kind="conv_halo"))
+        return plans[sig]
 
     def conv_rows_only(x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, (0, pad_w), conv.dilation, conv.groups)
@@ -58,7 +75,6 @@ def halo_conv_forward(ctx: ParallelContext, key: str, conv: torch.nn.Conv2d, ori
             return original(x)
         info = step.layer(key)
         j = step.topo.index
-        plan = _halo_plan(step, info, conv, j)
         h_in = info.in_shape[-2]
         if x.shape[-2] == h_in:  # replicated full input (conv_in): read the true neighbour rows, exact
             i0, _ = step.bands.bounds(h_in)[j]
@@ -67,17 +83,7 @@ def halo_conv_forward(ctx: ParallelContext, key: str, conv: torch.nn.Conv2d, ori
             rows = x[..., max(a, 0): min(b, h_in), :]
             x_ext = F.pad(rows, (0, 0, max(0, -a), max(0, b - h_in)))
             return conv_rows_only(x_ext)
-        heights = step.bands.heights(h_in)
-        up_plan = _halo_plan(step, info, conv, j - 1) if j > 0 else None
-        down_plan = _halo_plan(step, info, conv, j + 1) if j + 1 < step.topo.n else None
-        send_up = up_plan["from_down"] if up_plan else 0
-        send_down = down_plan["from_up"] if down_plan else 0
-        if plan["from_up"] > (heights[j - 1] if j > 0 else 0) or plan["from_down"] > (
-                heights[j + 1] if j + 1 < step.topo.n else 0):
-            raise PatchError(f"halodiff: {key}: the conv needs more halo rows than a neighbour band holds "
-                             f"(band heights {heights}); use fewer ranks or a larger resolution")
-        kw = dict(send_up=send_up, send_down=send_down, recv_up=plan["from_up"], recv_down=plan["from_down"],
-                  kind="conv_halo")
+        plan, kw = plan_for(step, info)
         if step.sync:
             top, bot = step.comm.exchange_rows(key, x, step.topo, **kw)
         else:
