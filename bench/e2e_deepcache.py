@@ -12,6 +12,7 @@ number that other jobs disturb least (it excludes the time the process waits for
     python bench/e2e_deepcache.py --quick --json bench_out/e2e_deepcache.json
     python bench/e2e_deepcache.py --resolutions 256 512 --steps 20 50 --intervals 3 5 --repeats 3
     python bench/e2e_deepcache.py --quick --parallel   # + deepcache with distrifusion on 2 gloo ranks
+                                                       # (needs ~3 x 4 GB RAM: 1-rank and 2-rank runs)
 
 Goal: halodiff's speedup >= the package's at equal settings, PSNR >= the package's - 0.1 dB.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import math
 import os
@@ -275,6 +277,8 @@ def main() -> None:
         print(line)
     par = []
     if a.parallel:
+        del pipe  # the rank processes build their own (SD1.5 fp32: 3.4 GB each)
+        gc.collect()
         for res in a.resolutions:
             for steps in a.steps:
                 par += bench_parallel(res, steps, a.intervals[0], a.branch, a.repeats)
