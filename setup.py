@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import sysconfig
 
 from setuptools import find_packages, setup
@@ -31,6 +32,12 @@ def native_extensions() -> tuple[list, dict]:
     cu_sources = sorted(glob.glob("csrc/*.cu"))
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and not _flag("SKIP_CUDA_BUILD")
     cxx = ["-O3"]
+    # ATen's parallel_for is an OpenMP region compiled into each caller: without -fopenmp the CPU
+    # kernels would silently run on one thread (torch itself is built with OpenMP on Linux).
+    link = []
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -45,6 +52,7 @@ def native_extensions() -> tuple[list, dict]:
             include_dirs=[os.path.join(ROOT, "csrc")] + include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -52,6 +60,7 @@ def native_extensions() -> tuple[list, dict]:
             cpp_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

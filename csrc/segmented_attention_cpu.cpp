@@ -26,16 +26,10 @@
 #include <type_traits>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define HALODIFF_CPU_FUSED_ATTENTION 1
-#include <immintrin.h>
-// Compiled for AVX2+FMA whatever the build flags; used only when the CPU has them (cpu_has_avx2_fma).
-#define HALODIFF_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define HALODIFF_CPU_FUSED_ATTENTION 0
-#endif
-
+#include "cpu_simd.h"
 #include "halodiff.h"
+
+#define HALODIFF_CPU_FUSED_ATTENTION HALODIFF_CPU_SIMD
 
 namespace halodiff {
 
@@ -75,44 +69,14 @@ namespace {
 // ----------------------------------------------------------------------------------------
 // Fused single-pass kernel (AVX2 + FMA, float32 arithmetic).
 
+using simd::cpu_has_avx2_fma;
+using simd::exp2_nonpositive;
+using simd::hmax;
+using simd::hsum;
+
 constexpr int kMq = 256;  // query rows per task (they share every packed K/V block)
 constexpr int kNk = 128;  // keys per block (S block: kMq x kNk floats of scratch)
 constexpr int kRt = 6;    // query rows per micro-tile (6 x 16: 12 accumulators)
-
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
-// 2^x for x <= 0; x < -125 (including -inf) gives 0, so results are never denormal. Cephes exp2f
-// polynomial on the fraction in [-0.5, 0.5]: relative error ~2e-7.
-HALODIFF_AVX2 inline __m256 exp2_nonpositive(__m256 x) {
-  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-125.f), _CMP_GE_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-125.f));
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-}
-
-HALODIFF_AVX2 inline float hmax(__m256 v) {
-  __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
-  return _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
-}
-
-HALODIFF_AVX2 inline float hsum(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
-}
 
 // dst[c][r] = src[r][c] for an 8x8 block (src rows ld_src floats apart, dst rows ld_dst apart).
 HALODIFF_AVX2 inline void transpose8x8(const float* src, int64_t ld_src, float* dst, int ld_dst) {
