@@ -35,7 +35,7 @@ build: install
 
 test: install
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
-	$(PY) -m pytest -q bench/test_kernels.py --benchmark-disable -p no:cacheprovider
+	$(PY) -m pytest -q bench --benchmark-disable -p no:cacheprovider
 
 demo: install
 	$(PY) -m halodiff demo

@@ -197,10 +197,7 @@ at::Tensor group_stats_cuda(const at::Tensor& x_in, int64_t num_groups) {
 at::Tensor group_norm_cuda(const at::Tensor& x_in, int64_t num_groups, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, double eps, bool silu,
                            const c10::optional<at::Tensor>& stats, double count) {
-  check_group_args(x_in, num_groups);
-  check_affine(weight, x_in, "weight");
-  check_affine(bias, x_in, "bias");
-  check_stats(stats, x_in, num_groups, count);
+  check_group_norm_args(x_in, num_groups, weight, bias, stats, count);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);

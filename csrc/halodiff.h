@@ -11,6 +11,9 @@ namespace halodiff {
 void check_group_args(const at::Tensor& x, int64_t num_groups);
 void check_affine(const c10::optional<at::Tensor>& p, const at::Tensor& x, const char* name);
 void check_stats(const c10::optional<at::Tensor>& stats, const at::Tensor& x, int64_t num_groups, double count);
+// All of group_norm's checks: x and num_groups, weight, bias, stats/count.
+void check_group_norm_args(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& stats, double count);
 
 // One tensor's part in a halo pack: its first `top` and last `bottom` rows
 // (dim -2) are copied to out[top_offset ...] and out[bottom_offset ...].

@@ -115,6 +115,14 @@ void check_pack_out(const at::Tensor& out, at::TensorList tensors, int64_t total
                     " but the tensors are on ", tensors[0].device());
 }
 
+void check_group_norm_args(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& stats, double count) {
+  check_group_args(x, num_groups);
+  check_affine(weight, x, "weight");
+  check_affine(bias, x, "bias");
+  check_stats(stats, x, num_groups, count);
+}
+
 namespace {
 
 // ----------------------------------------------------------------------------------------
@@ -256,10 +264,7 @@ at::Tensor group_stats_cpu(const at::Tensor& x_in, int64_t num_groups) {
 at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t num_groups, const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias, double eps, bool silu,
                           const c10::optional<at::Tensor>& stats, double count) {
-  check_group_args(x_in, num_groups);
-  check_affine(weight, x_in, "weight");
-  check_affine(bias, x_in, "bias");
-  check_stats(stats, x_in, num_groups, count);
+  check_group_norm_args(x_in, num_groups, weight, bias, stats, count);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), cpg = C / num_groups;
   const bool given = stats.has_value() && stats->defined();

@@ -114,8 +114,12 @@ class _ModelHooks:
             return None
         t = _timestep_value(timestep) if timestep is not None else 0.0
         B = sample.shape[0]
-        topo = ctx.split if (ctx.split is not None and B % 2 == 0) else ctx.full
-        if topo is ctx.split:
+        # A ControlNet in guess mode sees only the conditional half of the CFG batch (the pipeline pads
+        # zeros for the other half): it runs unsplit on the split topology, so its band-local residuals
+        # match the bands the UNet's CFG groups compute.
+        guess = ctx.split is not None and kwargs.get("guess_mode") is True
+        topo = ctx.split if (ctx.split is not None and (B % 2 == 0 or guess)) else ctx.full
+        if topo is ctx.split and not guess:
             args = _split_batch(args, B, ctx.cfg_half)
             kwargs = _split_batch(kwargs, B, ctx.cfg_half)
             sample = args[0] if args else kwargs["sample"]
