@@ -160,12 +160,13 @@ void sum_and_squares(const scalar_t* p, int64_t n, double& s1, double& s2) {
   }
 }
 
-// y = x * sc + sh (then SiLU) for one channel's n elements.
+// y = x * sc + sh (then SiLU) for one channel's n elements, in the opmath type (float64 stays float64).
 template <typename scalar_t>
-void scale_shift(const scalar_t* src, scalar_t* dst, int64_t n, float sc, float sh, bool silu) {
+void scale_shift(const scalar_t* src, scalar_t* dst, int64_t n, double sc_d, double sh_d, bool silu) {
   using acc_t = at::opmath_type<scalar_t>;
+  const acc_t sc = static_cast<acc_t>(sc_d), sh = static_cast<acc_t>(sh_d);
   for (int64_t i = 0; i < n; ++i) {
-    acc_t y = static_cast<acc_t>(src[i]) * static_cast<acc_t>(sc) + static_cast<acc_t>(sh);
+    acc_t y = static_cast<acc_t>(src[i]) * sc + sh;
     if (silu) y = y / (acc_t(1) + std::exp(-y));
     dst[i] = static_cast<scalar_t>(y);
   }
@@ -221,10 +222,11 @@ void group_sums(const scalar_t* p, int64_t n, double& s1, double& s2) {
 }
 
 template <typename scalar_t>
-void channel_affine(const scalar_t* src, scalar_t* dst, int64_t n, float sc, float sh, bool silu) {
+void channel_affine(const scalar_t* src, scalar_t* dst, int64_t n, double sc, double sh, bool silu) {
 #if HALODIFF_CPU_SIMD
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (simd::cpu_has_avx2_fma()) return scale_shift_avx2(src, dst, n, sc, sh, silu);
+    if (simd::cpu_has_avx2_fma())
+      return scale_shift_avx2(src, dst, n, static_cast<float>(sc), static_cast<float>(sh), silu);
   }
 #endif
   scale_shift(src, dst, n, sc, sh, silu);
@@ -293,16 +295,7 @@ at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t num_groups, const c10:
           const double sc = rstd * (wp ? wp[c] : 1.0f);
           const double sh = (bp ? bp[c] : 0.0f) - mean * sc;
           const int64_t off = (bg / num_groups * C + c) * HW;
-          // float64 keeps float64 scale/shift; the rest compute in float32 (their opmath type).
-          if constexpr (std::is_same_v<scalar_t, double>) {
-            for (int64_t i = 0; i < HW; ++i) {
-              double y = p[off + i] * sc + sh;
-              if (silu) y = y / (1.0 + std::exp(-y));
-              q[off + i] = y;
-            }
-          } else {
-            channel_affine(p + off, q + off, HW, static_cast<float>(sc), static_cast<float>(sh), silu);
-          }
+          channel_affine(p + off, q + off, HW, sc, sh, silu);
         }
       }
     });
