@@ -272,10 +272,10 @@ at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t num_groups, const c10:
   const bool given = stats.has_value() && stats->defined();
   const at::Tensor st = given ? stats->to(at::kDouble).contiguous() : at::Tensor();
   const double n = given ? count : static_cast<double>(cpg * HW);
-  const at::Tensor w = (weight.has_value() && weight->defined()) ? weight->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor bb = (bias.has_value() && bias->defined()) ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
-  const float* bp = bb.defined() ? bb.const_data_ptr<float>() : nullptr;
+  const at::Tensor w = (weight.has_value() && weight->defined()) ? weight->to(at::kDouble).contiguous() : at::Tensor();
+  const at::Tensor bb = (bias.has_value() && bias->defined()) ? bias->to(at::kDouble).contiguous() : at::Tensor();
+  const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
+  const double* bp = bb.defined() ? bb.const_data_ptr<double>() : nullptr;
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_cpu", [&] {
     const scalar_t* p = x.const_data_ptr<scalar_t>();
@@ -292,8 +292,8 @@ at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t num_groups, const c10:
         const double mean = s1 / n, var = std::max(0.0, s2 / n - mean * mean), rstd = 1.0 / std::sqrt(var + eps);
         const int64_t g = bg % num_groups;
         for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-          const double sc = rstd * (wp ? wp[c] : 1.0f);
-          const double sh = (bp ? bp[c] : 0.0f) - mean * sc;
+          const double sc = rstd * (wp ? wp[c] : 1.0);
+          const double sh = (bp ? bp[c] : 0.0) - mean * sc;
           const int64_t off = (bg / num_groups * C + c) * HW;
           channel_affine(p + off, q + off, HW, sc, sh, silu);
         }

@@ -152,9 +152,13 @@ def test_group_ops_float64_keep_float64_precision(backend):
     """float64 inputs get float64 sums, so patch-parallel GroupNorm in float64 stays exact to ~1e-15."""
     dev = run_device(backend)
     x = torch.randn(2, 12, 7, 5, device=dev, dtype=torch.float64) * 3 + 2
+    w = torch.randn(12, device=dev, dtype=torch.float64)
+    b = torch.randn(12, device=dev, dtype=torch.float64)
     with ops.use_backend(backend):
         stats = ops.group_stats(x, 3)
         y = ops.group_norm(x, 3, stats=stats, count=4.0 * 7 * 5, eps=1e-6)
+        y_affine = ops.group_norm(x, 3, w, b, eps=1e-6, silu=True)  # float64 weights stay float64 too
     assert stats.dtype == torch.float64
     torch.testing.assert_close(stats, reference.group_stats(x, 3), rtol=1e-13, atol=1e-12)
     torch.testing.assert_close(y, F.group_norm(x, 3, eps=1e-6), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_affine, F.silu(F.group_norm(x, 3, w, b, eps=1e-6)), rtol=1e-12, atol=1e-12)
