@@ -361,13 +361,19 @@ def enable_deepcache(pipe, interval: int = 3, branch_id: int = 0, schedule: str 
         _RUNS[pipe] = record
 
 
-def disable_deepcache(pipe) -> None:
-    """Undo `enable_deepcache` exactly: original forwards, hooks removed, scheduler restored."""
+def _record(pipe, detail: str = ""):
+    """The enable record of `pipe` (or of the module a torch.compile wrapper holds)."""
     record = _RUNS.get(pipe)
     if record is None and isinstance(pipe, nn.Module):
         record = _RUNS.get(getattr(pipe, "_orig_mod", pipe))
     if record is None:
-        raise PatchError("deepcache: not enabled on this pipeline (nothing to disable)")
+        raise PatchError(f"deepcache: not enabled on this pipeline{detail}")
+    return record
+
+
+def disable_deepcache(pipe) -> None:
+    """Undo `enable_deepcache` exactly: original forwards, hooks removed, scheduler restored."""
+    record = _record(pipe, " (nothing to disable)")
     record.run.deactivate()
     for undo in reversed(record.undo):
         undo()
@@ -377,9 +383,4 @@ def disable_deepcache(pipe) -> None:
 
 def deepcache_context(pipe) -> DeepCacheRun:
     """The step state of a pipeline with DeepCache enabled (step kinds, plan); for tools and tests."""
-    record = _RUNS.get(pipe)
-    if record is None and isinstance(pipe, nn.Module):
-        record = _RUNS.get(getattr(pipe, "_orig_mod", pipe))
-    if record is None:
-        raise PatchError("deepcache: not enabled on this pipeline")
-    return record.run
+    return _record(pipe).run
