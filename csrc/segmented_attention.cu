@@ -444,6 +444,18 @@ void launch(Kernel kernel, const AttnParams& p, int64_t blocks, size_t smem, cud
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// Strides (in elements) of dims 0-2 of a [B, H, L, D] tensor.
+void set_strides(const at::Tensor& t, int64_t& b, int64_t& h, int64_t& l) {
+  b = t.stride(0);
+  h = t.stride(1);
+  l = t.stride(2);
+}
+
+// Every row of t starts 16-byte aligned, so rows can be loaded `vec` elements at a time.
+bool vec_loadable(const at::Tensor& t, int64_t vec) {
+  return aligned16(t.const_data_ptr()) && t.stride(0) % vec == 0 && t.stride(1) % vec == 0 && t.stride(2) % vec == 0;
+}
+
 // A tensor as the kernels read it: last dim dense (a copy only for other layouts, which the Python
 // layer has already made contiguous).
 at::Tensor dense_last_dim(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -475,15 +487,10 @@ at::Tensor segmented_attention_cuda(const at::Tensor& q_in, at::TensorList ks, a
   AttnParams p{};
   p.q = q.const_data_ptr();
   p.out = out.mutable_data_ptr();
-  p.q_stride_b = q.stride(0);
-  p.q_stride_h = q.stride(1);
-  p.q_stride_l = q.stride(2);
-  p.o_stride_b = out.stride(0);
-  p.o_stride_h = out.stride(1);
-  p.o_stride_l = out.stride(2);
+  set_strides(q, p.q_stride_b, p.q_stride_h, p.q_stride_l);
+  set_strides(out, p.o_stride_b, p.o_stride_h, p.o_stride_l);
   const int64_t vec = 16 / static_cast<int64_t>(q.element_size());
-  bool vec16 = D % vec == 0 && aligned16(p.q) && p.q_stride_b % vec == 0 && p.q_stride_h % vec == 0 &&
-               p.q_stride_l % vec == 0;
+  bool vec16 = D % vec == 0 && vec_loadable(q, vec);
   int n = 0;
   for (size_t i = 0; i < ks.size(); ++i) {
     if (ks[i].size(2) == 0) continue;  // empty segments contribute nothing
@@ -496,15 +503,10 @@ at::Tensor segmented_attention_cuda(const at::Tensor& q_in, at::TensorList ks, a
     SegmentParam& s = p.seg[n];
     s.k = k.const_data_ptr();
     s.v = v.const_data_ptr();
-    s.k_stride_b = k.stride(0);
-    s.k_stride_h = k.stride(1);
-    s.k_stride_l = k.stride(2);
-    s.v_stride_b = v.stride(0);
-    s.v_stride_h = v.stride(1);
-    s.v_stride_l = v.stride(2);
+    set_strides(k, s.k_stride_b, s.k_stride_h, s.k_stride_l);
+    set_strides(v, s.v_stride_b, s.v_stride_h, s.v_stride_l);
     p.len[n] = static_cast<int32_t>(k.size(2));
-    vec16 = vec16 && aligned16(s.k) && aligned16(s.v) && s.k_stride_b % vec == 0 && s.k_stride_h % vec == 0 &&
-            s.k_stride_l % vec == 0 && s.v_stride_b % vec == 0 && s.v_stride_h % vec == 0 && s.v_stride_l % vec == 0;
+    vec16 = vec16 && vec_loadable(k, vec) && vec_loadable(v, vec);
     ++n;
   }
   if (n == 0) return out.zero_();  // every segment is empty: no keys, the result is defined as zeros
