@@ -8,7 +8,7 @@ from __future__ import annotations
 from . import ops
 from .cache import deepcache_schedule, disable_deepcache, enable_deepcache
 from .config import ParallelConfig
-from .dist import CommStats
+from .comm import CommStats
 from .errors import BackendUnavailableError, CommTimeoutError, HalodiffError, PatchError
 from .parallel import comm_stats, patch, unpatch
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
 from ..config import ParallelConfig
-from ..dist import CommManager, CommStats, SimulatedComm, Topology
+from ..comm import CommManager, CommStats, SimulatedComm, Topology
 from .geometry import Bands, min_height
 
 

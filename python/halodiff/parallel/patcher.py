@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ParallelConfig
-from ..dist import CommStats
+from ..comm import CommStats
 from ..errors import PatchError
 from .attention import PatchAttnProcessor
 from .context import ModelState, ParallelContext, StepInfo
