@@ -11,6 +11,7 @@ from .config import ParallelConfig
 from .comm import CommStats
 from .errors import BackendUnavailableError, CommTimeoutError, HalodiffError, PatchError
 from .parallel import comm_stats, patch, unpatch
+from .stream import StreamDiffusion
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "CommTimeoutError",
     "HalodiffError",
     "PatchError",
+    "StreamDiffusion",
     "__version__",
     "ops",
 ]
