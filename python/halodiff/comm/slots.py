@@ -19,6 +19,7 @@ step path). A dead or silent peer:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from ..errors import CommTimeoutError
 from .comm import CommStats
 
 SLOT_KINDS = ("latents", "output", "filter")
+_BOUNDARY = "slot boundary latents from/to a neighbour rank"
 
 
 @dataclass(frozen=True)
@@ -100,15 +102,21 @@ class SlotComm:
     def reset_stats(self) -> None:
         self.stats = CommStats(bytes_by_kind=dict.fromkeys(SLOT_KINDS, 0))
 
-    def _wait(self, works: list, what: str) -> None:
+    @contextmanager
+    def _failures(self, what: str):
+        """A failed post or wait (gloo: peer gone, or the process group's timeout passed) -> CommTimeoutError."""
         try:
-            for w in works:
-                w.wait()
+            yield
         except RuntimeError as exc:
             raise CommTimeoutError(
                 f"halodiff stream: {what}: a peer rank did not answer within the process group's timeout or failed "
                 f"({exc}). A rank may have died; check every rank's log. The timeout is init_process_group(timeout=)."
             ) from exc
+
+    def _wait(self, works: list, what: str) -> None:
+        with self._failures(what):
+            for w in works:
+                w.wait()
 
     def exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None) -> None:
         """Post this frame's boundary message: ``send`` to the next rank, ``recv`` from the previous one."""
@@ -120,31 +128,34 @@ class SlotComm:
         if recv is not None and self.prev is not None:
             ops.append(dist.P2POp(dist.irecv, recv, self.prev, self.group))
             self.stats.add("latents", recv.numel() * recv.element_size(), 0)
-        self._boundary = dist.batch_isend_irecv(ops) if ops else []
+        with self._failures(_BOUNDARY):
+            self._boundary = dist.batch_isend_irecv(ops) if ops else []
 
     def wait_boundary(self) -> None:
         """Wait for the last posted boundary message (its receive buffer is then valid)."""
         works, self._boundary = self._boundary, []
-        self._wait(works, "slot boundary latents from/to a neighbour rank")
+        self._wait(works, _BOUNDARY)
+
+    def _broadcast(self, t: torch.Tensor, src: int, what: str) -> None:
+        with self._failures(what):
+            work = dist.broadcast(t, src, group=self.group, async_op=True)
+        self._wait([work], what)
 
     def broadcast_output(self, out: torch.Tensor) -> torch.Tensor:
         """The last rank's ``out`` on every rank (``out`` is the receive buffer elsewhere)."""
-        src = self.ranks[-1]
-        work = dist.broadcast(out, src, group=self.group, async_op=True)
         nbytes = out.numel() * out.element_size()
         if self.slots.last:
             self.stats.add("output", 0, nbytes * (self.slots.world - 1))
         else:
             self.stats.add("output", nbytes, 0)
-        self._wait([work], "output broadcast from the last slot's rank")
+        self._broadcast(out, self.ranks[-1], "output broadcast from the last slot's rank")
         return out
 
     def agree(self, flag: bool, device: torch.device) -> bool:
         """The first rank's ``flag`` on every rank (one decision for the similarity filter; a host read)."""
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-        work = dist.broadcast(t, self.ranks[0], group=self.group, async_op=True)
         self.stats.add("filter", 0 if self.slots.first else 4, 4 * (self.slots.world - 1) if self.slots.first else 0)
-        self._wait([work], "similarity-filter decision from the first rank")
+        self._broadcast(t, self.ranks[0], "similarity-filter decision from the first rank")
         return bool(t.item())
 
     def drain(self) -> None:

@@ -27,7 +27,7 @@ import torch
 from diffusers import LCMScheduler
 
 from ..comm.slots import SlotComm, SlotRange, group_size
-from ..errors import HalodiffError
+from ..errors import HalodiffError, PatchError
 from . import conditioning, io
 from .config import Guidance, StreamConfig
 from .filter import SimilarImageFilter
@@ -133,6 +133,7 @@ class StreamDiffusion:
         cfg.check_steps(num_inference_steps)
         self.guidance = Guidance(cfg.cfg_type, 1.0 if cfg.cfg_type == "none" else guidance_scale, delta)
         if self.comm is not None:
+            self._refuse_patched_unet()
             self.comm.drain()
         self.scheduler.set_timesteps(num_inference_steps, self.device)
         self.schedule = SlotSchedule.build(self.scheduler, cfg.t_index_list, self.device, self.dtype)
@@ -155,6 +156,20 @@ class StreamDiffusion:
         if self.filter is not None:
             self.filter.reset()
         self._prepared = True
+
+    def _refuse_patched_unet(self) -> None:
+        """Slots across ranks + halodiff.patch on the same UNet would assemble bands of different slots."""
+        from ..parallel import comm_stats
+
+        try:
+            comm_stats(self.unet)
+        except PatchError:
+            return
+        raise PatchError(
+            f"StreamDiffusion: this stream spreads its slots over {self.slots.world} ranks and halodiff.patch() also "
+            "splits every UNet call of this pipeline over ranks; the two are not combined (each rank would assemble "
+            "bands computed from other ranks' slots). Unpatch the pipeline (halodiff.unpatch), or keep the stream on "
+            "one rank (group= a one-rank group) and patch across the ranks")
 
     def _set_prompt(self, p: conditioning.Prompt) -> None:
         cfg = self.config
