@@ -264,6 +264,28 @@ def test_v_prediction_is_converted_to_epsilon():
     assert rel(stream.predict_x0(x), s.c_out * ((x - s.beta * eps) / s.alpha) + s.c_skip * x) <= REL
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_x0_equals_lcm_scheduler_step_denoised(clip):
+    """One slot, no guidance: the stream's x0 is diffusers' LCMScheduler.step(...).denoised, incl. clip_sample
+    (the package ignores clip_sample; the digits model's scheduler sets it)."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    p = tiny_sd_pipeline()
+    p.scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=clip, clip_sample_range=0.5)
+    stream = make_stream(p, [30], cfg_type="none")
+    x = latents(1)[0] * 3
+    t = stream.schedule.timesteps
+    with torch.no_grad():
+        eps = p.unet(x, t, encoder_hidden_states=COND).sample
+    lcm = LCMScheduler.from_config(p.scheduler.config)
+    lcm.set_timesteps(50)
+    want = lcm.step(eps, t[0], x).denoised
+    assert rel(stream.predict_x0(x), want) <= REL
+    s = stream.schedule
+    unclipped = s.c_out * ((x - s.beta * eps) / s.alpha) + s.c_skip * x
+    assert (rel(unclipped, want) > 1e-2) == clip
+
+
 # ------------------------------------------------------------------------------------------ pipelines
 def _sdxl_pipe():
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline

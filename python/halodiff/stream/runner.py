@@ -11,6 +11,10 @@ dropped and, at the end, the last latent is fed n-1 more times to flush the fram
 stream's state then holds those flush frames). Frames the similarity filter skips repeat the output of the last
 processed frame before them.
 
+A prompt change can travel in-band: an :class:`UpdatePrompt` item among the frames is applied on the UNet thread
+between the frames before and after it (``stream.update_prompt`` from another thread would race the UNet stage,
+which runs a few frames behind the input).
+
 With several ranks every rank runs ``run`` on the same frames; all communication happens on the UNet thread.
 """
 from __future__ import annotations
@@ -25,6 +29,13 @@ from typing import Any
 from ..errors import HalodiffError
 
 _POLL_S = 0.05
+
+
+class UpdatePrompt:
+    """An item of ``run``'s frames: ``stream.update_prompt(*args, **kwargs)`` before the next frame (no output)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
 
 
 class _Done:
@@ -97,7 +108,7 @@ def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool) -> Ite
 
     def read() -> None:
         for frame in frames:
-            pipe.put(q_in, stream.encode_frame(frame))
+            pipe.put(q_in, frame if isinstance(frame, UpdatePrompt) else stream.encode_frame(frame))
         pipe.put(q_in, _Done())
 
     def denoise() -> None:
@@ -120,6 +131,9 @@ def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool) -> Ite
                         emit_ready(x0)
                 pipe.put(q_x0, item)
                 return
+            if isinstance(item, UpdatePrompt):
+                stream.update_prompt(*item.args, **item.kwargs)
+                continue
             x0 = stream.denoise_frame(item)
             if not align:
                 pipe.put(q_x0, x0)
