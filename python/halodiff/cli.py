@@ -4,6 +4,7 @@
     halodiff demo [--out DIR] [--ranks N] [--steps S]
     halodiff bench e2e --model sd15|sdxl|digits --resolution R --steps S --ranks N --modes sync,distrifusion,...
     halodiff bench kernels [--out DIR]
+    halodiff bench audit [--out DIR] [--arch 80,90] [--only cuda|triton] [--kernels REGEX]
     halodiff stream [--input DIR|GIF] [--out DIR] [--digits 3,8] [--frames N] [--ranks N]
 """
 from __future__ import annotations
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--json", type=Path)
     kern = bsub.add_parser("kernels", help="kernel microbenchmarks (pytest-benchmark)")
     kern.add_argument("--out", type=Path, default=Path("bench_out"))
+    audit = bsub.add_parser("audit", help="static SASS audit of the CUDA and Triton kernels for sm_80/sm_90 (no GPU)")
+    audit.add_argument("--out", type=Path, default=Path("bench_out/audit"))
+    audit.add_argument("--arch", default="80,90", help="comma-separated SM versions")
+    audit.add_argument("--only", choices=("cuda", "triton"))
+    audit.add_argument("--kernels", help="regex on kernel names")
     return parser
 
 
@@ -128,6 +134,23 @@ def _bench_kernels(args) -> int:
     return rc
 
 
+def _bench_audit(args) -> int:
+    path = Path(__file__).resolve().parents[2] / "bench" / "kernel_audit.py"
+    if not path.exists():
+        return _fail(f"kernel audit not found at {path} (run from a source checkout of halodiff)")
+    mod = sys.modules.get("kernel_audit")
+    if mod is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("kernel_audit", path)
+        mod = sys.modules["kernel_audit"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    argv = ["--out", str(args.out), "--arch", args.arch]
+    argv += ["--only", args.only] if args.only else []
+    argv += ["--kernels", args.kernels] if args.kernels else []
+    return mod.main(argv)
+
+
 def _stream(args) -> int:
     digits = [d.strip() for d in args.digits.split(",") if d.strip()]
     if not digits or any(not d.isdigit() or int(d) > 9 for d in digits):
@@ -165,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stream":
         return _stream(args)
     if args.command == "bench":
-        return _bench_e2e(args) if args.bench == "e2e" else _bench_kernels(args)
+        return {"e2e": _bench_e2e, "kernels": _bench_kernels, "audit": _bench_audit}[args.bench](args)
     return 2  # pragma: no cover - argparse enforces the choices
 
 
