@@ -326,7 +326,8 @@ def part_soak(s: Setup, a) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ main
 def table(rows: list[dict]) -> str:
-    lines = ["| model | part | method | frames | frames/s | ms/frame | ratio | notes |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | part | method | frames | frames/s | ms/frame | ratio | notes |",
+             "|---|---|---|---|---|---|---|---|"]
     skip = {"model", "resolution", "part", "method", "frames", "repeats", "fps", "ms_per_frame", "ratio", "base",
             "cfg", "n"}
     for r in rows:
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "sd15 8)")
     p.add_argument("--warmup", type=int, default=None, help="untimed frames per run (digits 4, sd15 1)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (digits 3, sd15 1)")
-    p.add_argument("--soak-frames", type=int, default=1000)
+    p.add_argument("--soak-frames", type=int, default=None, help="frames of the soak part (digits 1000, sd15 10)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--json", type=Path)
     p.add_argument("--csv", type=Path)
@@ -361,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     a.image_frames = a.image_frames or (48 if digits else 8)
     a.warmup = a.warmup if a.warmup is not None else (4 if digits else 1)
     a.repeats = a.repeats or (3 if digits else 1)
+    a.soak_frames = a.soak_frames or (1000 if digits else 10)
     if min(a.frames, a.image_frames, a.repeats, a.soak_frames, a.threads) < 1 or a.warmup < 0:
         p.error("--frames, --image-frames, --repeats, --soak-frames, --threads must be >= 1 and --warmup >= 0")
     torch.set_num_threads(a.threads)

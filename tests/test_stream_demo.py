@@ -6,19 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from halodiff import cli
 from halodiff.stream.demo import (METHODS, StreamResult, digit_frames, prompt_schedule, stream_methods,
                                   transition_mask, write_outputs)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_real_digits_are_redrawn_as_the_prompted_digit():

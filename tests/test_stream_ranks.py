@@ -81,7 +81,6 @@ def _patched_stream(pipe) -> object:
 def two_ranks():
     """One spawn of 2 gloo ranks for every check (process group timeout 60 s), and the single-rank references."""
     results = run_ranks(_ranks_worker, 2, timeout_s=60)
-    torch.set_num_threads(1)
     return results, _single_rank_outputs(tiny_sd_pipeline())
 
 
@@ -121,7 +120,6 @@ def test_fewer_slots_than_ranks_and_sequential_mode_fail_clearly(two_ranks):
 def test_patch_with_slots_on_the_same_ranks_works_or_names_the_combination(two_ranks):
     """Without the guard in StreamDiffusion.prepare the outputs were silently wrong (rel error 0.3-1.2)."""
     results, _ = two_ranks
-    torch.set_num_threads(1)
     stream = make_stream(tiny_sd_pipeline(), [20, 35], size=128)
     ref = [stream.predict_x0(x) for x in latents(3, shape=(4, 16, 16))]
     for res in results:
@@ -160,7 +158,6 @@ def test_dead_peer_raises_comm_timeout_error(two_ranks):
 
 # ------------------------------------------------------------------------------------------ DeepCache
 def test_deepcache_enabled_pipeline_gives_the_plain_stream_output():
-    torch.set_num_threads(1)
     plain, cached = tiny_sd_pipeline(), tiny_sd_pipeline()
     halodiff.enable_deepcache(cached, interval=3)
     a, b = make_stream(plain, [10, 25, 40]), make_stream(cached, [10, 25, 40])
@@ -171,7 +168,6 @@ def test_deepcache_enabled_pipeline_gives_the_plain_stream_output():
 @pytest.mark.xfail(strict=False, reason="runtime integration pending (issue 11): DeepCache's clock does not "
                                         "understand per-sample timesteps and runs every stream call in full")
 def test_deepcache_skips_work_in_a_stream_or_names_the_combination():
-    torch.set_num_threads(1)
     cached = tiny_sd_pipeline()
     halodiff.enable_deepcache(cached, interval=3)
     try:

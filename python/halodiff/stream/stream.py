@@ -138,6 +138,7 @@ class StreamDiffusion:
         """Set the schedule, the slot noise (``randn((n·F, C, h, w))`` from ``Generator().manual_seed(seed)``, as
         the package) and the prompt; reset the stream (buffer, stock noise, filter, counters)."""
         cfg = self.config
+        self._prepared = False  # until this prepare completes
         cfg.check_steps(num_inference_steps)
         self.guidance = Guidance(cfg.cfg_type, 1.0 if cfg.cfg_type == "none" else guidance_scale, delta)
         if self.comm is not None:
@@ -149,7 +150,10 @@ class StreamDiffusion:
         F = cfg.frame_buffer_size
         self.init_noise = torch.randn((cfg.n * F, *self.latent_shape), generator=self._generator).to(
             device=self.device, dtype=self.dtype)
-        ranges = [(self.slots.start, self.slots.stop)] if cfg.use_denoising_batch else [(i, i + 1) for i in range(cfg.n)]
+        if cfg.use_denoising_batch:  # one plan over this rank's slots, else one per slot
+            ranges = [(self.slots.start, self.slots.stop)]
+        else:
+            ranges = [(i, i + 1) for i in range(cfg.n)]
         self._plans = [SlotPlan.build(self.schedule, a, b, F, self.guidance.uncond_rows, self.init_noise)
                        for a, b in ranges]
         self._set_prompt(conditioning.Prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
