@@ -27,9 +27,10 @@ def test_group_stats_fp32(backend, shape):
     with ops.use_backend(backend):
         got = ops.group_stats(x, G)
     want = reference.group_stats(x.double(), G)
-    assert got.dtype == torch.float32 and got.shape == (B, G, 2)
+    assert got.dtype == torch.float64 and got.shape == (B, G, 2)
+    # Kernels sum x − K (K: the block's first element, E[(x−K)²] = 2σ²) in float32 lanes: ~1e-6 of Σx² at mean ≈ 0.
     scale = x.double().abs().reshape(B, G, -1).pow(2).sum(-1).clamp_min(1)[..., None]
-    assert ((got.double() - want.double()).abs() / scale).max() < 1e-6
+    assert ((got - want).abs() / scale).max() < 3e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -95,7 +96,7 @@ def test_group_norm_external_stats_matches_full(backend):
 def test_group_norm_negative_variance_from_stats_is_clamped(backend):
     dev = run_device(backend)
     x = torch.randn(1, 4, 3, 3, device=dev)
-    stats = torch.tensor([[[9.0, 1.0], [0.0, 9.0]]], device=dev)  # var = 1/9 - 1 < 0 for group 0
+    stats = torch.tensor([[[9.0, 1.0], [0.0, 9.0]]], device=dev, dtype=torch.float64)  # var = 1/9 - 1 < 0, group 0
     with ops.use_backend(backend):
         got = ops.group_norm(x, 2, stats=stats, count=9.0, eps=1e-5)
     want = reference.group_norm(x, 2, stats=stats, count=9.0, eps=1e-5)
