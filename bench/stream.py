@@ -222,7 +222,7 @@ def image_method(s: Setup, frames: list, use_filter: bool, queue: bool, a) -> Ca
             stream(f)
         stream = make_stream(s, 2, "self", True, use_filter)
         if queue:
-            wall, cpu = timed(lambda: [to_pil(o) for o in run(stream, frames)])
+            wall, cpu = timed(lambda: list(run(stream, frames, output_type="pil")))
         else:
             wall, cpu = timed(lambda: [to_pil(stream(f)) for f in frames])
         return wall, cpu, {"skipped": stream.stats.skipped / len(frames)}

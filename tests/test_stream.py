@@ -140,6 +140,8 @@ def test_sequential_mode_is_deterministic_and_package_never_updates_stock_noise(
     x = latents(1)[0]
     assert torch.equal(seq[0].predict_x0(x), seq[1].predict_x0(x))
     # the package never updates the stock noise in sequential mode: "self" there is eps = 1.5 * eps_cond
+    with pytest.raises(NameError):  # the package cannot prepare full CFG in sequential mode
+        package_stream(pipe, [10, 25], "full", use_denoising_batch=False)
     pkg = package_stream(pipe, [10, 25], "self", use_denoising_batch=False)
     with torch.no_grad():
         assert pkg.stock_noise.abs().max() == 0

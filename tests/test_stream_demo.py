@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from halodiff import cli
-from halodiff.stream.demo import (METHODS, StreamResult, digit_frames, prompt_schedule, stream_methods,
+from halodiff.stream.demo import (METHODS, StreamResult, digit_frames, load_frames, prompt_schedule, stream_methods,
                                   transition_mask, write_outputs)
 
 
@@ -42,6 +42,23 @@ def test_write_outputs_gif_report_plot(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [r["method"] for r in report["results"]] == ["sequential (full CFG)", "2 ranks"]
     assert "| 2 ranks | 2 | 12.0 | 2.00x | 90% | 50% | inf (identical) |" in (tmp_path / "report.md").read_text()
+
+
+def test_load_frames_from_gif_and_folder(tmp_path):
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((40, 50), 40 * i, np.uint8), mode="L") for i in range(3)]
+    frames[0].save(tmp_path / "in.gif", save_all=True, append_images=frames[1:], duration=50)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        f.convert("RGB").save(folder / f"{i:03d}.png")
+    for source in (tmp_path / "in.gif", folder):
+        x = load_frames(source)
+        assert x.shape == (3, 1, 32, 32) and np.allclose(x[:, 0, 0, 0].numpy(), [0, 40 / 255, 80 / 255], atol=1e-6)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        load_frames(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from halodiff.errors import HalodiffError
-from halodiff.stream import run
+from halodiff.stream import run, to_uint8
 from parallel_utils import tiny_sd_pipeline
 from test_stream import images, make_stream, rel
 
@@ -38,10 +39,10 @@ def test_run_yields_what_the_serial_loop_yields(pipe, use_filter):
         for s in streams:
             s.enable_similar_image_filter(threshold=0.9, max_skip_frame=1, seed=0)
     serial = [streams[0](f) for f in frames]
-    queued = list(run(streams[1], iter(frames), queue_size=1))
+    queued = list(run(streams[1], iter(frames), queue_size=1, output_type="np"))
     assert len(queued) == len(serial)
     for a, b in zip(queued, serial):
-        assert rel(a, b) <= REL
+        assert a.dtype == np.uint8 and np.array_equal(a, to_uint8(b))
     assert streams[0].stats == streams[1].stats
     assert (streams[1].stats.skipped > 0) == use_filter
     assert not _threads()
@@ -106,3 +107,5 @@ def test_worker_failure_names_the_stage(pipe):
     assert not _threads()
     with pytest.raises(ValueError, match="queue_size"):
         run(stream, good, queue_size=0)
+    with pytest.raises(ValueError, match="output_type"):
+        run(stream, good, output_type="latent")

@@ -230,7 +230,7 @@ def write_outputs(results: list[StreamResult], frames: torch.Tensor, prompts: li
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r.fps:.1f} ({r.accuracy:.0%})",
                 va="center", fontsize=8)
     ax.set_xlabel("frames/s (classifier accuracy)")
-    ax.set_title(f"halodiff stream: digits model, {meta['frames']} frames, t_index_list={list(T_INDEX_LIST)}")
+    ax.set_title(f"halodiff stream: digits model, {meta['frames']} frames", fontsize=10)
     ax.set_xlim(0, max(r.fps for r in results) * 1.3)
     fig.tight_layout()
     fig.savefig(out / "fps.png", dpi=100)

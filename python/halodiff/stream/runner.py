@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HalodiffError
+from .io import to_pil, to_uint8
+
+OUTPUT_TYPES = {"pt": lambda x: x, "pil": to_pil, "np": to_uint8}
 
 _POLL_S = 0.05
 
@@ -94,15 +97,23 @@ def _stage(pipe: _Pipe, name: str, body: Callable[[], None], out: queue.Queue) -
     return threading.Thread(target=target, name=f"halodiff-stream-{name}", daemon=True)
 
 
-def run(stream, frames: Iterable[Any], *, queue_size: int = 2, align: bool = False) -> Iterator:
-    """Yield ``stream``'s output for each of ``frames`` (each what ``stream(frame)`` takes), stages on threads."""
+def run(stream, frames: Iterable[Any], *, queue_size: int = 2, align: bool = False,
+        output_type: str = "pt") -> Iterator:
+    """Yield ``stream``'s output for each of ``frames`` (each what ``stream(frame)`` takes), stages on threads.
+
+    output_type: "pt" (``[F, C, H, W]`` tensors in [0, 1], as ``stream(frame)``), "pil" (lists of PIL images) or "np"
+    (``[F, H, W, C]`` uint8 arrays); the conversion runs on the output thread.
+    """
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"halodiff.stream.run: queue_size must be an int >= 1; got {queue_size!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"halodiff.stream.run: output_type must be one of {', '.join(OUTPUT_TYPES)}; got "
+                         f"{output_type!r}")
     stream._require_prepared()
-    return _iterate(stream, frames, queue_size, align)
+    return _iterate(stream, frames, queue_size, align, OUTPUT_TYPES[output_type])
 
 
-def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool) -> Iterator:
+def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool, convert: Callable) -> Iterator:
     pipe = _Pipe(queue_size)
     q_in, q_x0, q_out = pipe.queues
 
@@ -154,7 +165,7 @@ def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool) -> Ite
             if isinstance(item, (_Done, _Failure)):
                 pipe.put(q_out, item)
                 return
-            pipe.put(q_out, stream.decode_frame(item))
+            pipe.put(q_out, convert(stream.decode_frame(item)))
 
     threads = [_stage(pipe, "input", read, q_in), _stage(pipe, "unet", denoise, q_x0),
                _stage(pipe, "output", write, q_out)]
