@@ -125,6 +125,8 @@ def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool, conver
     def denoise() -> None:
         pending: deque[bool] = deque()  # align: frames waiting for their output (True = processed, False = skipped)
         last_latent = None
+        lag = stream.config.n if stream.config.use_denoising_batch else 1
+        calls = 0  # UNet steps of this run: the first lag-1 outputs come from before it (zero buffer or old frames)
 
         def emit_ready(x0) -> None:
             pending.popleft()
@@ -138,7 +140,8 @@ def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool, conver
             if isinstance(item, (_Done, _Failure)):
                 while align and isinstance(item, _Done) and any(pending):  # flush the frames still inside the pipeline
                     x0 = stream.predict_x0(last_latent)
-                    if stream.ready:
+                    calls += 1
+                    if calls >= lag:
                         emit_ready(x0)
                 pipe.put(q_x0, item)
                 return
@@ -156,7 +159,8 @@ def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool, conver
             else:
                 last_latent = item.latent
                 pending.append(True)
-                if stream.ready:
+                calls += 1
+                if calls >= lag:
                     emit_ready(x0)
 
     def write() -> None:
