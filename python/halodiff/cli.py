@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_stream = sub.add_parser("stream", help="StreamDiffusion: redraw a stream of real handwritten digits with the "
                               "digits model; write GIF, report and plot")
     p_stream.add_argument("--input", type=Path, help="a GIF or a folder of images (default: sklearn's digits)")
-    p_stream.add_argument("--out", type=Path, default=Path("stream_out"))
+    p_stream.add_argument("--out", type=Path, default=Path("demo_out/stream"))
     p_stream.add_argument("--digits", default="3,8", help="prompted digit(s); the prompt switches in equal segments")
     p_stream.add_argument("--frames", type=int, default=48, help="frames of sklearn digits (without --input)")
     p_stream.add_argument("--hold", type=int, default=4, help="frames each sklearn digit is held")
