@@ -39,9 +39,9 @@ def test_group_stats_low_precision_inputs(backend, dtype):
     x = (torch.randn(3, 24, 5, 11, device=dev) * 2).to(dtype)
     with ops.use_backend(backend):
         got = ops.group_stats(x, 6)
-    want = reference.group_stats(x.double(), 6).double()  # exact sums of the low-precision values
+    want = reference.group_stats(x.double(), 6)  # exact sums of the low-precision values
     scale = x.double().pow(2).reshape(3, 6, -1).sum(-1).clamp_min(1)[..., None]
-    assert ((got.double() - want).abs() / scale).max() < 1e-6
+    assert got.dtype == torch.float64 and ((got - want).abs() / scale).max() < 3e-6  # as test_group_stats_fp32
 
 
 @pytest.mark.parametrize("shape", GN_SHAPES)
