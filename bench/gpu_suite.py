@@ -204,11 +204,17 @@ def bench() -> dict:
             flops, nbytes = 4.0 * 2 * H * lq * sum(lens) * D, 2 * 2 * H * D * (2 * lq + 2 * sum(lens))
             name, shape = f"{model}_L{level}_n{n}", [2, H, lq, D, sum(lens), len(lens)]
 
-            def cat_sdpa():
-                with torch.nn.attention.sdpa_kernel([flash]):
+            def cat_sdpa(backends=(flash,)):
+                with torch.nn.attention.sdpa_kernel(list(backends)):
                     return F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2))
 
-            base = add("attention", name, shape, "torch.cat+sdpa(flash)", time_ms(cat_sdpa), flops, nbytes)
+            try:
+                base = add("attention", name, shape, "torch.cat+sdpa(flash)", time_ms(cat_sdpa), flops, nbytes)
+            except RuntimeError:  # no flash kernel for this shape/GPU: torch's own choice
+                every = [getattr(torch.nn.attention.SDPBackend, b) for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION",
+                                                                              "CUDNN_ATTENTION", "MATH")]
+                base = add("attention", name, shape, "torch.cat+sdpa(auto)", time_ms(lambda: cat_sdpa(every)), flops,
+                           nbytes)
             fns = {}
             if have_cuda:
                 fns["cuda_v1"] = lambda: torch.ops.halodiff._segmented_attention_cuda(q, ks, vs, None, 1, 0, 0)

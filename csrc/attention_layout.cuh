@@ -121,7 +121,8 @@ HALODIFF_HD constexpr RowChunk unit_row_chunk(int u, int rows, int chunks) {
 // t + (kb * (rows * w / threads) + kr) * threads, i.e. row t / w + kr * (threads / w) of column block kb,
 // chunk t % w inside it. Its physical chunk is a compile-time offset plus the thread's first one XOR a
 // compile-time constant (threads 32 or 128, rows a multiple of 8):
-//   swizzle_chunk(copy_unit(t, kb, kr)) == kb * rows * w + kr * threads + (swizzle_chunk(copy_unit(t, 0, 0)) ^ copy_xor(kr))
+//   swizzle_chunk(copy_unit(t, kb, kr))
+//       == kb * rows * w + kr * threads + (swizzle_chunk(copy_unit(t, 0, 0)) ^ copy_xor(kr))
 HALODIFF_HD constexpr RowChunk copy_unit(int t, int kb, int kr, int chunks, int threads) {
   const int w = swizzle_width(chunks);
   return {t / w + kr * (threads / w), kb * w + t % w};

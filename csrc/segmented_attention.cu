@@ -243,7 +243,7 @@ struct SimtConfig {
 // S columns tx + 16c and O columns tx + 16c; the 16 threads of a half-warp share rows.
 // Shared memory (float): Q [32][DP+1], K [BN][DP+1], V [BN][DP], P [32][BN+1].
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) seg_attn_simt_kernel(const __grid_constant__ AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 1) seg_attn_simt_kernel(const __grid_constant__ AttnParams p) {
   using Cfg = SimtConfig<DP>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, LDQ = Cfg::LDQ, LDK = Cfg::LDK, LDV = Cfg::LDV, LDP = Cfg::LDP;
   constexpr int NC = BN / 16, DC = DP / 16;

@@ -63,6 +63,20 @@ __device__ __forceinline__ void copy_tile(uint32_t dst, const uint16_t* src, int
   }
 }
 
+// acc[mt][n0] += a[mt] . B and acc[mt][n0 + 1] += a[mt] . B' for every m-tile, with the B fragments of two
+// n-tiles from one ldmatrix.x4 (.trans for V) at addr: each fragment feeds MT mma.
+template <typename T, bool TRANS, int MT, int N>
+__device__ __forceinline__ void mma_b_pair(float (&acc)[MT][N][4], int n0, const uint32_t (&a)[MT][4],
+                                           uint32_t addr) {
+  uint32_t b[4];
+  ldsm_x4<TRANS>(b, addr);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    mma16816<T>(acc[mt][n0], a[mt], b[0], b[1]);
+    mma16816<T>(acc[mt][n0 + 1], a[mt], b[2], b[3]);
+  }
+}
+
 template <typename T, int DP, int WARPS, int MT>
 __global__ void __launch_bounds__(32 * WARPS, 1) seg_attn_v2_kernel(const __grid_constant__ AttnParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -110,8 +124,11 @@ __global__ void __launch_bounds__(32 * WARPS, 1) seg_attn_v2_kernel(const __grid
   const RowChunk la = ldsm_rows_then_chunks(lane);  // Q (A operand) and V (.trans B operands)
   const RowChunk lb = ldsm_chunks_then_rows(lane);  // K (B operands)
   const int lane_a = swizzle_lane(la.row, la.chunk, C), lane_b = swizzle_lane(lb.row, lb.chunk, C);
+  auto ldsm_addr = [&](uint32_t tile, int rows, int row0, int chunk0, int lane_part) {
+    return tile + 16u * (swizzle_base(row0, chunk0, rows, C) + (lane_part ^ (chunk0 % W)));
+  };
   auto q_frag = [&](uint32_t (&a)[4], int mt, int kk) {
-    ldsm_x4(a, sm_base + 16u * (swizzle_base(w0 + mt * 16, 2 * kk, BM, C) + (lane_a ^ (2 * kk % W))));
+    ldsm_x4(a, ldsm_addr(sm_base, BM, w0 + mt * 16, 2 * kk, lane_a));
   };
   uint32_t qf[MT][Cfg::kQInRegs ? KT : 1][4];
   if constexpr (Cfg::kQInRegs) {
@@ -164,13 +181,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1) seg_attn_v2_kernel(const __grid
         }
 #pragma unroll
         for (int jp = 0; jp < NT / 2; ++jp) {
-          uint32_t bk[4];
-          ldsm_x4(bk, k_base + 16u * (swizzle_base(jp * 16, 2 * kk, BN, C) + (lane_b ^ (2 * kk % W))));
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma16816<T>(s[mt][2 * jp], a[mt], bk[0], bk[1]);
-            mma16816<T>(s[mt][2 * jp + 1], a[mt], bk[2], bk[3]);
-          }
+          mma_b_pair<T, false>(s, 2 * jp, a, ldsm_addr(k_base, BN, jp * 16, 2 * kk, lane_b));
         }
       }
 
@@ -237,13 +248,7 @@ __global__ void __launch_bounds__(32 * WARPS, 1) seg_attn_v2_kernel(const __grid
         }
 #pragma unroll
         for (int np = 0; np < OT / 2; ++np) {
-          uint32_t bv[4];
-          ldsm_x4_trans(bv, v_base + 16u * (swizzle_base(c * 16, 2 * np, BN, C) + (lane_a ^ (2 * np % W))));
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma16816<T>(o[mt][2 * np], a[mt], bv[0], bv[1]);
-            mma16816<T>(o[mt][2 * np + 1], a[mt], bv[2], bv[3]);
-          }
+          mma_b_pair<T, true>(o, 2 * np, a, ldsm_addr(v_base, BN, c * 16, 2 * np, lane_a));
         }
       }
     }

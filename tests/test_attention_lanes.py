@@ -14,26 +14,20 @@ ISA side is written from the PTX ISA tables, independently of the header:
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import math
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 PADDED_DIMS = [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256]
 TILES = [(4, 1), (4, 2), (1, 1)]  # (warps, m-tiles per warp)
 
 
 def _load_audit():
-    if "kernel_audit" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kernel_audit", ROOT / "bench" / "kernel_audit.py")
-        sys.modules["kernel_audit"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["kernel_audit"])
-    return sys.modules["kernel_audit"]
+    from test_kernel_audit import ka  # bench/kernel_audit.py, loaded once
+
+    return ka
 
 
 @pytest.fixture(scope="module")
@@ -137,44 +131,39 @@ def test_q_ldmatrix_gives_a_fragments(hd, dp):
                         assert regs[lane][reg][half] == (row0 + r, 16 * kk + c)
 
 
+# B operands of two n-tiles from one ldmatrix.x4: K stored [key][dim] (B[k][n] = K[n][k], plain) and V stored
+# [key][dim] (B[k][n] = V[k][n], .trans). Per operand: the lane map, .trans, the window (row0, chunk0) of mma
+# step `step` / n-tile pair `pair`, and the tile element that B[k][n] of n-tile 2 pair + nt must be.
+B_OPERANDS = {
+    "K": ("hd_ldsm_chunks_then_rows", False, lambda step, pair: (16 * pair, 2 * step),
+          lambda step, pair, nt, k, n: (16 * pair + 8 * nt + n, 16 * step + k)),
+    "V": ("hd_ldsm_rows_then_chunks", True, lambda step, pair: (16 * step, 2 * pair),
+          lambda step, pair, nt, k, n: (16 * step + k, 16 * pair + 8 * nt + n)),
+}
+
+
+@pytest.mark.parametrize("operand", list(B_OPERANDS))
 @pytest.mark.parametrize("dp", PADDED_DIMS)
-def test_k_ldmatrix_gives_b_fragments_of_two_key_tiles(hd, dp):
-    """K stored [key][dim]: B[k][n] = K[n][k]; registers {0, 1} = n-tile 2jp, {2, 3} = n-tile 2jp + 1."""
+def test_k_and_v_ldmatrix_give_b_fragments_of_two_n_tiles(hd, dp, operand):
+    """Registers {0, 1} = B fragment of n-tile 2 pair, {2, 3} = of n-tile 2 pair + 1."""
+    lane_map, trans, window, want = B_OPERANDS[operand]
     chunks, rows = dp // 8, 64
     smem = tagged_tile(hd, rows, chunks)
-    for jp in range(rows // 16):
-        for kk in range(dp // 16):
+    steps, pairs = (dp // 16, rows // 16) if operand == "K" else (rows // 16, dp // 16)
+    for step in range(steps):
+        for pair in range(pairs):
+            row0, chunk0 = window(step, pair)
             addr = []
             for lane in range(32):
-                r, c = _pair(hd.hd_ldsm_chunks_then_rows, lane)
-                addr.append(hd.hd_swizzle_chunk(16 * jp + r, 2 * kk + c, rows, chunks))
-            regs = ldmatrix_x4(smem, addr, trans=False)
+                r, c = _pair(getattr(hd, lane_map), lane)
+                addr.append(hd.hd_swizzle_chunk(row0 + r, chunk0 + c, rows, chunks))
+            regs = ldmatrix_x4(smem, addr, trans=trans)
             for lane in range(32):
                 for nt in range(2):
                     for breg in range(2):
                         for half in range(2):
                             k, n = isa_b(lane, 2 * breg + half)
-                            assert regs[lane][2 * nt + breg][half] == (16 * jp + 8 * nt + n, 16 * kk + k)
-
-
-@pytest.mark.parametrize("dp", PADDED_DIMS)
-def test_v_ldmatrix_trans_gives_b_fragments_of_two_dim_tiles(hd, dp):
-    """V stored [key][dim]: B[k][n] = V[k][n] via .trans; registers {0, 1} = n-tile 2np, {2, 3} = 2np + 1."""
-    chunks, rows = dp // 8, 64
-    smem = tagged_tile(hd, rows, chunks)
-    for c16 in range(rows // 16):
-        for np_ in range(dp // 16):
-            addr = []
-            for lane in range(32):
-                r, c = _pair(hd.hd_ldsm_rows_then_chunks, lane)
-                addr.append(hd.hd_swizzle_chunk(16 * c16 + r, 2 * np_ + c, rows, chunks))
-            regs = ldmatrix_x4(smem, addr, trans=True)
-            for lane in range(32):
-                for nt in range(2):
-                    for breg in range(2):
-                        for half in range(2):
-                            k, n = isa_b(lane, 2 * breg + half)
-                            assert regs[lane][2 * nt + breg][half] == (16 * c16 + k, 16 * np_ + 8 * nt + n)
+                            assert regs[lane][2 * nt + breg][half] == want(step, pair, nt, k, n)
 
 
 # ---- swizzle: bijection, conflict-free phases, the split address forms the kernel uses ----

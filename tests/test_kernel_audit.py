@@ -162,9 +162,8 @@ def test_cuda_v1_kept_and_merge_kernel_present(cuda_audit):
 
 
 TRITON_XFAIL = pytest.mark.xfail(
-    reason="issue 14: the Triton attention kernel reads per-segment strides from a table and masks a runtime head "
-           "dim, so Triton cannot prove 16-byte alignment (no 16-byte loads, no cp.async); the Triton rework "
-           "(another engineer's part of issue 14) is to meet these targets",
+    reason="issue 14: the Triton attention kernel does not meet these targets yet (as audited: no 16-byte global "
+           "loads, no cp.async); its rework is another engineer's part of issue 14 - drop this mark when it passes",
     strict=False,
 )
 
