@@ -150,8 +150,9 @@ def checks() -> dict:
         b = torch.ops.halodiff._segmented_attention_cuda(q, ks, vs, None, 2, 0, 0)
         return {"max_abs_diff": (a.float() - b.float()).abs().max().item(), **err_vs_torch(b, q, ks, vs)}
 
-    for name, fn in (("sync_debug_error", sync_debug), ("odd_offset_views", odd_offsets), ("lq_below_64", short_queries),
-                     ("triton_more_than_16_segments", many_segments_triton), ("cuda_v1_vs_v2", v1_v2_agree)):
+    for name, fn in (("sync_debug_error", sync_debug), ("odd_offset_views", odd_offsets),
+                     ("lq_below_64", short_queries), ("triton_more_than_16_segments", many_segments_triton),
+                     ("cuda_v1_vs_v2", v1_v2_agree)):
         record(name, fn)
     return out
 
@@ -186,7 +187,8 @@ def bench() -> dict:
         row = {"kind": kind, "case": name, "shape": shape, "backend": backend, "ms": round(ms, 4)}
         if flops:
             row["tflops"] = round(flops / ms / 1e9, 2)
-            row["pct_peak_tflops"] = round(100 * row["tflops"] / pk["dense_fp16_tflops"], 1) if pk["dense_fp16_tflops"] else None
+            peak = pk["dense_fp16_tflops"]
+            row["pct_peak_tflops"] = round(100 * row["tflops"] / peak, 1) if peak else None
         if nbytes:
             row["gbs"] = round(nbytes / ms / 1e6, 1)
             row["pct_peak_gbs"] = round(100 * row["gbs"] / pk["hbm_gbs"], 1) if pk["hbm_gbs"] else None

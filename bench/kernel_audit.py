@@ -132,13 +132,16 @@ extern "C" {
 int hd_padded_head_dim(int d) { return padded_head_dim(d); }
 int hd_swizzle_width(int chunks) { return swizzle_width(chunks); }
 int hd_swizzle_chunk(int row, int chunk, int rows, int chunks) { return swizzle_chunk(row, chunk, rows, chunks); }
-void hd_unit_row_chunk(int u, int rows, int chunks, int* out) { RowChunk r = unit_row_chunk(u, rows, chunks); out[0] = r.row; out[1] = r.chunk; }
-void hd_copy_unit(int t, int kb, int kr, int chunks, int threads, int* out) { RowChunk r = copy_unit(t, kb, kr, chunks, threads); out[0] = r.row; out[1] = r.chunk; }
+static void put(RowChunk r, int* out) { out[0] = r.row; out[1] = r.chunk; }
+void hd_unit_row_chunk(int u, int rows, int chunks, int* out) { put(unit_row_chunk(u, rows, chunks), out); }
+void hd_copy_unit(int t, int kb, int kr, int chunks, int threads, int* out) {
+  put(copy_unit(t, kb, kr, chunks, threads), out);
+}
 int hd_copy_xor(int kr, int chunks, int threads) { return copy_xor(kr, chunks, threads); }
 int hd_swizzle_base(int row0, int chunk0, int rows, int chunks) { return swizzle_base(row0, chunk0, rows, chunks); }
 int hd_swizzle_lane(int lr, int lc, int chunks) { return swizzle_lane(lr, lc, chunks); }
-void hd_ldsm_rows_then_chunks(int lane, int* out) { RowChunk r = ldsm_rows_then_chunks(lane); out[0] = r.row; out[1] = r.chunk; }
-void hd_ldsm_chunks_then_rows(int lane, int* out) { RowChunk r = ldsm_chunks_then_rows(lane); out[0] = r.row; out[1] = r.chunk; }
+void hd_ldsm_rows_then_chunks(int lane, int* out) { put(ldsm_rows_then_chunks(lane), out); }
+void hd_ldsm_chunks_then_rows(int lane, int* out) { put(ldsm_chunks_then_rows(lane), out); }
 int hd_acc_row(int lane, int i) { return acc_row(lane, i); }
 int hd_acc_col(int lane, int i) { return acc_col(lane, i); }
 int hd_acc_as_a_tile(int reg) { return acc_as_a_tile(reg); }
@@ -146,8 +149,12 @@ int hd_acc_as_a_elem(int reg, int half) { return acc_as_a_elem(reg, half); }
 int hd_tiles_of(int len, int bn) { return tiles_of(len, bn); }
 int hd_split_begin(int total, int splits, int i) { return split_begin(total, splits, i); }
 int hd_locate_tile(const int* len, int n, int bn, int t, int* n0) { return locate_tile(len, n, bn, t, n0); }
-void hd_block_coords(int block, int m_blocks, int splits, int* out) { BlockCoords c = block_coords(block, m_blocks, splits); out[0] = c.bh; out[1] = c.split; out[2] = c.m; }
-void hd_choose_tile(long long bh, long long lq, int dp, int sms, int* out) { Tile t = choose_tile(bh, lq, dp, sms); out[0] = t.warps; out[1] = t.mt; }
+void hd_block_coords(int block, int m_blocks, int splits, int* out) {
+  BlockCoords c = block_coords(block, m_blocks, splits); out[0] = c.bh; out[1] = c.split; out[2] = c.m;
+}
+void hd_choose_tile(long long bh, long long lq, int dp, int sms, int* out) {
+  Tile t = choose_tile(bh, lq, dp, sms); out[0] = t.warps; out[1] = t.mt;
+}
 int hd_choose_splits(long long blocks, int tiles, int sms) { return choose_splits(blocks, tiles, sms); }
 int hd_v2_tile_supported(int dp, int warps, int mt) { return v2_tile_supported(dp, warps, mt); }
 int hd_v2_block_m(int warps, int mt) { return v2_block_m(warps, mt); }
@@ -373,7 +380,8 @@ def occupancy(regs: int, smem: int, threads: int, arch: Arch) -> dict:
     }
     blocks = min(limits.values())
     limiter = min(limits, key=lambda k: limits[k])
-    return {"blocks_per_sm": blocks, "occupancy": round(blocks * warps / arch.max_warps, 3), "occupancy_limiter": limiter}
+    return {"blocks_per_sm": blocks, "occupancy": round(blocks * warps / arch.max_warps, 3),
+            "occupancy_limiter": limiter}
 
 
 def bound(c: dict[str, int], arch: Arch) -> dict:
@@ -557,7 +565,8 @@ def _dump(cuobjdump: str, what: str, cubin: Path) -> str:
     return cached.read_text()
 
 
-def cuda_rows(archs: tuple[int, ...], pattern: str | None, notes: list[str], elf_filter: str | None = None) -> list[Row]:
+def cuda_rows(archs: tuple[int, ...], pattern: str | None, notes: list[str],
+              elf_filter: str | None = None) -> list[Row]:
     """Rows of every CUDA kernel whose demangled name matches `pattern`, from the cubins whose file name
     contains `elf_filter` (e.g. "segmented_attention")."""
     cuobjdump = find_tool("cuobjdump")
@@ -750,6 +759,9 @@ def triton_rows(archs: tuple[int, ...], pattern: str | None, notes: list[str],
         return []
     cuobjdump = find_tool("cuobjdump")
     rows = []
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # @triton.jit then makes interpreter functions
+        notes.append("triton: skipped, TRITON_INTERPRET=1 (interpreted kernels cannot be compiled; run without it)")
+        return []
     for cfg in triton_configs(notes):
         label = str(cfg.get("head_dim", cfg.get("shape", "")))
         if pattern and not re.search(pattern, cfg["name"]):

@@ -4,7 +4,8 @@ CUDA targets (sm_90 and sm_80, fp16/bf16 v2 segmented attention, every instantia
 from the SASS of the built extension: the hot loop has LDSM, LDGSTS (cp.async) and HMMA, at most 1.0
 shared-memory load instruction (LDS + LDSM) per HMMA, and the function uses no local memory (no spills).
 Triton targets (attention, fp16, D = 40/64/80, sm_80 and sm_90): 16-byte global loads, cp.async, 0 spill
-bytes - expected to fail until the Triton kernels are reworked (issue 14), hence xfail.
+bytes - xfail (not strict) until the Triton rework of issue 14 is committed; compiled in a child process
+because the tests run Triton in its interpreter.
 """
 from __future__ import annotations
 
@@ -162,28 +163,46 @@ def test_cuda_v1_kept_and_merge_kernel_present(cuda_audit):
 
 
 TRITON_XFAIL = pytest.mark.xfail(
-    reason="issue 14: the Triton attention kernel does not meet these targets yet (as audited: no 16-byte global "
-           "loads, no cp.async); its rework is another engineer's part of issue 14 - drop this mark when it passes",
+    reason="issue 14 targets for the Triton attention kernel (16-byte loads, cp.async, no spills): the kernel as of "
+           "this test's writing had neither 16-byte loads nor cp.async; its rework (another engineer's part of issue "
+           "14) meets them - make this mark go (or strict) once that rework is committed",
     strict=False,
 )
 
 
+TRITON_TARGETS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import kernel_audit as ka
+seen = set()
+def pick(cfg):  # the first config (autotune candidate) of each fp16 head dim: a representative subset
+    d = str(cfg.get("head_dim"))
+    if cfg.get("dtype") != "fp16" or d not in ("40", "64", "80") or d in seen:
+        return False
+    seen.add(d)
+    return True
+notes = []
+rows = ka.triton_rows((80, 90), "attention", notes, select=pick)
+print(json.dumps({"rows": [r.flat() for r in rows], "notes": notes}))
+"""
+
+
 @pytest.fixture(scope="module")
 def triton_audit():
+    """In a child process: the tests run Triton in its interpreter (TRITON_INTERPRET=1, conftest.py), whose
+    kernels cannot be compiled ahead of time."""
+    import os
+    import subprocess
+
     pytest.importorskip("triton")
     if not ka.find_tool("cuobjdump"):
         pytest.skip("cuobjdump not found (CUDA toolkit or Triton's bundled binaries)")
-    notes: list[str] = []
-    seen: set[str] = set()
-
-    def pick(cfg) -> bool:  # the first config (autotune candidate) of each fp16 head dim: a representative subset
-        d = str(cfg.get("head_dim"))
-        if cfg.get("dtype") != "fp16" or d not in ("40", "64", "80") or d in seen:
-            return False
-        seen.add(d)
-        return True
-
-    return ka.triton_rows((80, 90), "attention", notes, select=pick), notes
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", TRITON_TARGETS, str(ROOT / "bench")], env=env, capture_output=True,
+                         text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return out["rows"], out["notes"]
 
 
 @TRITON_XFAIL
@@ -191,12 +210,20 @@ def triton_audit():
 @pytest.mark.parametrize("head_dim", ["40", "64", "80"])
 def test_triton_attention_meets_the_audit_targets(triton_audit, arch, head_dim):
     rows, notes = triton_audit
-    mine = [r for r in rows if r.arch == arch and r.head_dim == head_dim]
+    mine = [r for r in rows if r["arch"] == arch and r["head_dim"] == head_dim]
     assert mine, f"no Triton attention row for fp16 D={head_dim} {arch}: {notes}"
     for r in mine:
-        assert r.total["ldg_16b"] > 0, f"{r.kernel}: no 16-byte global loads ({r.total})"
-        assert r.total["ldgsts"] + r.total["tma"] > 0, f"{r.kernel}: no cp.async/TMA"
-        assert r.spill_bytes == 0 and r.local_bytes == 0, f"{r.kernel}: spills {r.spill_bytes} B"
+        assert r["fn_ldg_16b"] > 0, f"{r['kernel']}: no 16-byte global loads"
+        assert r["fn_ldgsts"] + r["fn_tma"] > 0, f"{r['kernel']}: no cp.async/TMA"
+        assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, f"{r['kernel']}: spills {r['spill_bytes']} B"
+
+
+def test_triton_audit_runs_the_compiler_not_the_interpreter(triton_audit):
+    """The Triton part of the audit compiled real cubins (a failure would hide behind the xfail above)."""
+    rows, notes = triton_audit
+    want = {(a, d) for a in ("sm_80", "sm_90") for d in ("40", "64", "80")}
+    assert {(r["arch"], r["head_dim"]) for r in rows} == want, notes
+    assert all(r["fn_instrs"] > 0 and r["regs"] > 0 for r in rows)
 
 
 def test_cli_writes_json_and_csv(cuda_audit, tmp_path, capsys):
