@@ -57,7 +57,9 @@ shared-memory pipe of the 4 warps / 128 B per clk (LDSM.x4, LDS.128, STS.128, LD
 narrower ones 128 B = one wavefront); MUFU = 8 clk per warp instruction (16/clk/SM); FP32 = 1 (sm_90) or 2
 (sm_80) clk per warp FFMA/FMUL/FADD/FMNMX; issue = 1 instruction per clk per scheduler. The largest bounds the
 loop; implied fraction of the tensor peak = tensor / largest (x the mma.sync/dense ratio for the dense peak).
-It ignores latency, occupancy and memory bandwidth: an upper bound on what the instruction mix allows."""
+It ignores latency, occupancy and memory bandwidth: an upper bound on what the instruction mix allows. Kernels
+without tensor work stream memory: their bound is DRAM/L2 bandwidth, and the audit reports the bytes each global
+memory access moves per thread in the hot loop (16 = full-width vector accesses)."""
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ def counts(instrs: list[Instr]) -> dict[str, int]:
     """Static instruction counts by class; shared_bytes = bytes through the shared-memory pipe per warp."""
     c = dict.fromkeys(("instrs", "hmma", "wgmma", "ldsm", "lds", "sts", "ldgsts", "tma", "ldg", "ldg_16b", "ldg_lt4b",
                        "stg", "stg_16b", "stg_lt4b", "ldl", "stl", "mufu", "fp32", "bar", "shared_bytes",
-                       "wgmma_n_sum"), 0)
+                       "global_bytes", "wgmma_n_sum"), 0)
     for ins in instrs:
         base = ins.op.split(".")[0]
         c["instrs"] += 1
@@ -268,6 +270,7 @@ def counts(instrs: list[Instr]) -> dict[str, int]:
             key = {"LDS": "lds", "STS": "sts", "LDGSTS": "ldgsts"}[base]
             c[key] += 1
             c["shared_bytes"] += max(128, 32 * mem_width(ins.op))
+            c["global_bytes"] += 32 * mem_width(ins.op) if base == "LDGSTS" else 0
         elif base in ("UTMALDG", "UBLKCP", "UTMAPF"):
             c["tma"] += 1
         elif base in ("LDG", "STG"):
@@ -276,6 +279,7 @@ def counts(instrs: list[Instr]) -> dict[str, int]:
             c[key] += 1
             c[f"{key}_16b"] += w == 16
             c[f"{key}_lt4b"] += w < 4
+            c["global_bytes"] += 32 * w
         elif base in ("LDL", "STL"):
             c[base.lower()] += 1
         elif base == "MUFU":
@@ -403,7 +407,11 @@ def bound(c: dict[str, int], arch: Arch) -> dict:
         out["tensor_peak_fraction"] = round(frac, 3)
         out["dense_peak_fraction"] = round(frac * peak, 3)
     else:
-        out["bound"] = "memory (no tensor work: DRAM/L2 bandwidth, not modelled statically)"
+        # No tensor work: a streaming kernel, bound by DRAM/L2 bandwidth, which a static count cannot time. What
+        # the code decides is how many bytes each global memory instruction moves (16 per thread = full width).
+        n = c["ldg"] + c["stg"] + c["ldgsts"]
+        out["bound"] = "memory"
+        out["global_bytes_per_thread_access"] = round(c["global_bytes"] / 32 / n, 1) if n else None
     return out
 
 
@@ -829,7 +837,8 @@ def summary(rows: list[Row]) -> str:
             f"{r.regs:>4} {spill:>5} {r.smem_bytes or 0:>6} {r.occupancy.get('occupancy', ''):>5} "
             f"{r.loop.get('hmma', 0) + r.loop.get('wgmma', 0):>4} {r.loop.get('ldsm', 0):>4} {r.loop.get('lds', 0):>4} "
             f"{r.loop.get('ldgsts', 0):>6} {r.shared_loads_per_mma if r.shared_loads_per_mma is not None else '':>6} "
-            f"{r.model.get('bound', '')[:10]}{f' {frac:.0%} of dense peak' if frac is not None else ''}")
+            f"{r.model.get('bound', '')[:10]}{f' {frac:.0%} of dense peak' if frac is not None else ''}"
+            f"{f' {bpa} B/thread/access' if (bpa := r.model.get('global_bytes_per_thread_access')) else ''}")
     return "\n".join(lines)
 
 

@@ -66,6 +66,8 @@ def test_sass_parser_counts_and_hot_loop():
     model = ka.bound(c, ka.ARCH[90])
     assert model["cycles_tensor"] == 2 * 6 and model["cycles_shared"] == 4 * (512 * 2 + 128) / 128
     assert model["bound"] == "shared" and model["tensor_peak_fraction"] == round(12 / 36, 3)
+    streaming = ka.bound(ka.counts([ins[0], ins[9], ins[10]]), ka.ARCH[90])  # MOV, STG.128, LDG.U16
+    assert streaming["bound"] == "memory" and streaming["global_bytes_per_thread_access"] == 9.0
 
 
 def test_mem_width_and_occupancy():
