@@ -15,10 +15,11 @@ PYTEST_ARGS ?=
 .PHONY: venv install build test test-fast demo bench bench-cpu info clean
 
 # Idempotent: the stamp is rebuilt only when the requirements change.
-$(VENV)/.stamp: requirements-dev.txt
+$(VENV)/.stamp: requirements-dev.txt requirements-nodeps.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(PIP) install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	@touch $@
 
 venv: $(VENV)/.stamp

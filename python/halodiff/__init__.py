@@ -12,6 +12,7 @@ from .config import ParallelConfig
 from .errors import BackendUnavailableError, CommTimeoutError, HalodiffError, PatchError
 from .parallel import comm_stats, patch, unpatch
 from .runtime import new_generation
+from .stream import StreamDiffusion
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "CommTimeoutError",
     "HalodiffError",
     "PatchError",
+    "StreamDiffusion",
     "__version__",
     "ops",
 ]

@@ -1,0 +1,10 @@
+"""StreamDiffusion for diffusers pipelines: Stream Batch, residual CFG, similarity filter, I/O queue, slots across
+ranks (ALGORITHMS.md §4)."""
+from .config import CFG_TYPES, StreamConfig
+from .filter import SimilarImageFilter
+from .io import to_pil, to_tensor, to_uint8
+from .runner import run
+from .stream import StreamDiffusion, StreamStats
+
+__all__ = ["CFG_TYPES", "SimilarImageFilter", "StreamConfig", "StreamDiffusion", "StreamStats", "run", "to_pil",
+           "to_tensor", "to_uint8"]
