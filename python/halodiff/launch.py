@@ -96,7 +96,7 @@ def _pool_worker(rank: int, world: int, port: int, jobs, results, timeout_s: flo
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     except BaseException as exc:
-        results.put((rank, pickle.dumps({"__error__": f"init failed: {type(exc).__name__}: {exc}"})))
+        results.put((rank, pickle.dumps({"__error__": f"init failed: {type(exc).__name__}: {exc}"}), False))
         return
     while True:
         job = jobs.get()
@@ -107,7 +107,10 @@ def _pool_worker(rank: int, world: int, port: int, jobs, results, timeout_s: flo
             result = fn(rank, world, *args)
         except BaseException as exc:
             result = {"__error__": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
-        results.put((rank, pickle.dumps(result)))
+        usable = dist.is_initialized()  # a job may have left the group (e.g. a dead-peer test)
+        results.put((rank, pickle.dumps(result), usable))
+        if not usable:
+            return
     try:
         dist.destroy_process_group()
     except Exception:
@@ -147,17 +150,19 @@ class RankPool:
             q.put((fn, args))
         results: list = [None] * self.world
         deadline = timeout_s if timeout_s is not None else self.timeout_s + 60
+        usable = True
         try:
             for _ in range(self.world):
-                rank, data = self._results.get(timeout=deadline)
+                rank, data, ok = self._results.get(timeout=deadline)
                 results[rank] = pickle.loads(data)
+                usable = usable and ok
         except queue.Empty:
             self.close()
             raise TimeoutError(f"a rank of the pool hung for more than {deadline:.0f}s") from None
         errors = [r["__error__"] for r in results if isinstance(r, dict) and "__error__" in r]
-        if errors:
+        if errors or not usable:
             self.close()
-            if not allow_errors:
+            if errors and not allow_errors:
                 raise RankError("a rank failed:\n" + "\n".join(errors))
         return results
 
