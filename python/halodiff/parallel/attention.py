@@ -36,13 +36,17 @@ class _SDPAIntercept(TorchFunctionMode):
 
 
 class BandAttention:
-    """Processor wrapper of a self-attention layer of a patched model."""
+    """Processor wrapper of a self-attention layer of a patched model.
+
+    Instances are of a subclass per inner processor class whose `__call__` carries that class's signature:
+    diffusers filters `cross_attention_kwargs` by `inspect.signature(processor.__call__)`, so the same kwargs
+    reach the inner processor as without halodiff (and torch.compile sees one `__call__` per class)."""
+
+    def __new__(cls, ctx: ParallelContext, key: str, inner):
+        return object.__new__(_subclass_for(type(inner)) if cls is BandAttention else cls)
 
     def __init__(self, ctx: ParallelContext, key: str, inner):
         self.ctx, self.key, self.inner = ctx, key, inner
-        # diffusers filters cross_attention_kwargs by `inspect.signature(processor.__call__)`: show the inner
-        # processor's signature so the same kwargs reach it as without halodiff.
-        self.__call__ = functools.wraps(inner.__call__)(functools.partial(BandAttention.__call__, self))
 
     def __getattr__(self, name: str):  # processor attributes other code may read (e.g. IP-adapter scales)
         if name == "inner":
@@ -89,3 +93,9 @@ class BandAttention:
                              f"{rows}x{cols} token grid")
         kv = torch.cat([k.transpose(1, 2).reshape(B, L, H * D), v.transpose(1, 2).reshape(B, L, H * D)], dim=-1)
         return self.ctx.exchange.attention(step, self.key, q, kv, rows, cols, scale)
+
+
+@functools.cache
+def _subclass_for(inner_cls: type) -> type:
+    call = functools.wraps(inner_cls.__call__)(lambda self, *a, **k: BandAttention.__call__(self, *a, **k))
+    return type(f"BandAttention[{inner_cls.__name__}]", (BandAttention,), {"__call__": call})
