@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1
 # (on this machine `nvcc` is a wrapper script that execs the real one), else /usr/local/cuda.
 CUDA_HOME ?= $(shell n=$$(command -v nvcc); if [ -n "$$n" ]; then r=$$(sed -n 's|^exec \(/[^ ]*\)/bin/nvcc.*|\1|p' "$$n" | head -1); \
   if [ -n "$$r" ]; then echo "$$r"; else dirname "$$(dirname "$$(readlink -f "$$n")")"; fi; else echo /usr/local/cuda; fi)
-TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 PYTEST_ARGS ?=
 

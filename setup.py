@@ -1,7 +1,7 @@
 """Build for halodiff: the Python package, the Triton kernels and the native extension `halodiff._C`.
 
-- With a CUDA build of torch and a CUDA toolkit (CUDA_HOME), compiles csrc/*.cpp + csrc/*.cu for
-  TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). `SKIP_CUDA_BUILD=1` builds the CPU ops only.
+- With a CUDA build of torch and a CUDA toolkit >= 12.1 (CUDA_HOME), compiles csrc/*.cpp + csrc/*.cu for
+  TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"). `SKIP_CUDA_BUILD=1` builds the CPU ops only.
 - With a CPU-only torch, builds the CPU ops only.
 - `HALODIFF_SKIP_NATIVE=1` builds no extension at all (ops fall back to Triton/reference).
 Install with `pip install --no-build-isolation .` so the extension is built against the installed torch.
@@ -22,6 +22,22 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _check_cuda_toolkit(cuda_home: str) -> None:
+    """The segmented-attention kernels take a ~4.7 KB __grid_constant__ parameter block (64 K/V segments, no
+    host-to-device copy): kernel parameters above 4 KB need CUDA >= 12.1 (nvcc and driver r530+)."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return  # torch's own build step reports a missing nvcc
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    if m and (int(m.group(1)), int(m.group(2))) < (12, 1):
+        raise SystemExit(f"halodiff: the CUDA kernels need CUDA >= 12.1 (kernel parameter blocks > 4 KB), found "
+                         f"{m.group(0)} at {cuda_home}; install a newer toolkit or build with SKIP_CUDA_BUILD=1")
+
+
 def native_extensions() -> tuple[list, dict]:
     if _flag("HALODIFF_SKIP_NATIVE"):
         return [], {}
@@ -39,8 +55,11 @@ def native_extensions() -> tuple[list, dict]:
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # +PTX: compute_90 PTX rides along, so newer GPUs (sm_100, sm_120) JIT it instead of failing with
+        # "no kernel image is available".
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        _check_cuda_toolkit(cpp_extension.CUDA_HOME)
         # torch's CUDA headers include cuBLAS/cuSPARSE headers shipped in the nvidia-* wheels.
         include_dirs = [
             d for d in glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include"))

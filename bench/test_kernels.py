@@ -2,6 +2,9 @@
 
 group_norm(+SiLU) GB/s counts the bytes our design moves: stats read x once, the apply pass reads x
 and writes y (3 × numel × itemsize); the torch baseline row uses the same byte count so GB/s compare.
+NCHW and channels_last inputs (read in place by every backend). group_norm_stale (DistriFusion's async
+GroupNorm: band stats + corrected stale estimate + normalise + SiLU in one op) is compared with the same
+computation in plain torch ops (`reference.group_norm_stale`, what the engine ran before the fused op).
 halo_pack GB/s counts the packed bytes read + written (2 × buffer bytes); baselines: slicing + torch.cat,
 and one contiguous copy of the same number of bytes (the memcpy floor).
 """
@@ -13,7 +16,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, HAS_CUDA
 from halodiff import ops
-from halodiff.ops import registry
+from halodiff.ops import reference, registry
 from shapes import conv_halo_inputs
 
 GN_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16)]
@@ -23,18 +26,21 @@ BACKENDS = [b for b in ("cuda", "triton", "cpu", "reference")
             if not registry.backend_reasons(b) and not registry.device_reasons(b, torch.device(DEVICE))]
 
 
-def _gn_inputs(shape):
+def _gn_inputs(shape, layout="nchw"):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(shape, device=DEVICE, generator=g).to(DTYPE)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(shape[1], device=DEVICE, generator=g).to(DTYPE)
     b = torch.randn(shape[1], device=DEVICE, generator=g).to(DTYPE)
     return x, w, b
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
-def test_group_norm_silu(bench, backend, shape):
-    x, w, b = _gn_inputs(shape)
+def test_group_norm_silu(bench, backend, shape, layout):
+    x, w, b = _gn_inputs(shape, layout)
     nbytes = 3 * x.numel() * x.element_size()
     if backend == "torch":
         fn = lambda: F.silu(F.group_norm(x, 32, w, b, 1e-5))  # noqa: E731
@@ -42,9 +48,34 @@ def test_group_norm_silu(bench, backend, shape):
         def fn():
             with ops.use_backend(backend):
                 return ops.group_norm(x, 32, w, b, 1e-5, silu=True)
-    y = bench(fn, name="group_norm_silu", shape=shape, dtype=DTYPE, backend=backend, bytes=nbytes)
+    y = bench(fn, name="group_norm_silu", group=f"group_norm_silu_{layout}", shape=shape, dtype=DTYPE,
+              backend=backend, bytes=nbytes)
     torch.testing.assert_close(y.float(), F.silu(F.group_norm(x.float(), 32, w.float(), b.float())),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+def test_group_norm_stale(bench, backend, shape):
+    """One rank's band (half the rows) of an async DistriFusion step, 2 ranks."""
+    x, w, b = _gn_inputs(shape)
+    band = x[:, :, : shape[2] // 2].contiguous()
+    sg = reference.group_stats(x, 32) * 1.01
+    sl = reference.group_stats(band, 32)
+    count = float(shape[1] // 32 * shape[2] * shape[3])
+    nbytes = 3 * band.numel() * band.element_size()
+    if backend == "torch":
+        def fn():
+            return reference.group_norm_stale(band, 32, w, b, 1e-5, True, sg, sl, count)
+    else:
+        def fn():
+            with ops.use_backend(backend):
+                return ops.group_norm_stale(band, 32, w, b, 1e-5, silu=True, stale_global=sg, stale_local=sl,
+                                            count=count)
+    y, local = bench(fn, name="group_norm_stale", shape=band.shape, dtype=DTYPE, backend=backend, bytes=nbytes)
+    want, want_local = reference.group_norm_stale(band, 32, w, b, 1e-5, True, sg, sl, count)
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(local, want_local, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -1,10 +1,20 @@
-// CUDA kernels for halodiff::group_stats and halodiff::group_norm.
-//   stats:  one read of x   -> per-(b, g, split) partial sums, reduced by a second tiny kernel
-//   norm:   one read + one write of x, with per-(b, c) scale/shift precomputed (B*C floats)
+// CUDA kernels for halodiff::group_stats, group_norm and group_norm_stale, NCHW or channels_last (in place).
+//
+// Launches per call (stream-ordered, no host sync, no cast kernels; weight/bias/stats read in place):
+//   group_stats        partials + reduce                      = 2 (1 when one block per group suffices)
+//   group_norm         partials + apply (sums the partials)   = 2; with external stats: apply = 1
+//   group_norm_stale   partials + reduce (-> local) + apply   = 3 (2 when one block per group suffices)
+// Kernels:
+//   partials  grid (B*G, splits): block (bg, s) reads its chunk of group bg once; shifted float32 sums
+//             (float64 for float64 x) become unshifted float64 (Σx, Σx²) (halodiff.h: unshift_sums).
+//   reduce    one thread per (b, g): adds the split partials in a fixed order (deterministic).
+//   apply     reads x once, writes y once in 16-byte packs. A block first computes mean/rstd of the
+//             groups it touches (float64, from partials, external stats or the stale estimate) and
+//             scale/shift of its channels into shared memory; the hot loop is x * scale + shift
+//             (+ SiLU) in float32 (float64 for float64 x), with 32-bit in-tile indexing and no divide.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -22,63 +32,119 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// grid = (B*G, splits). Block (bg, s) sums elements [s*chunk, min((s+1)*chunk, n)) of group bg.
-// Reads: the group's slice of x once. Writes: 2 floats per block.
-template <typename acc_t>
-struct Acc2 {
-  acc_t x, y;
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Elements per 16-byte pack.
+template <typename scalar_t>
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+// n / d for 0 <= n, d < 2^31 with a multiply-high and a shift (as ATen's IntDivider).
+struct FastDiv {
+  uint32_t d = 1, m = 1, s = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t divisor) : d(divisor) {
+    while ((1u << s) < d) ++s;
+    m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << s) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
+};
+
+// Geometry of x as the kernels read it (GroupInput, flattened for kernel parameters).
+struct Geom {
+  int64_t C, HW, G, cpg;
 };
 
 template <typename acc_t>
-__device__ __forceinline__ Acc2<acc_t> warp_sum2(Acc2<acc_t> a) {
+__device__ __forceinline__ void block_sum2(acc_t& a, acc_t& b) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    a.x += __shfl_xor_sync(0xffffffffu, a.x, off);
-    a.y += __shfl_xor_sync(0xffffffffu, a.y, off);
+    a += __shfl_xor_sync(0xffffffffu, a, off);
+    b += __shfl_xor_sync(0xffffffffu, b, off);
   }
-  return a;
-}
-
-// acc_t is float (double for double inputs): partial sums and the result use it.
-template <typename scalar_t, typename acc_t, int VEC>
-__global__ void group_partial_sums_kernel(const scalar_t* __restrict__ x, int64_t group_numel, int64_t chunk,
-                                          acc_t* __restrict__ partial) {
-  const int64_t bg = blockIdx.x, s = blockIdx.y;
-  const int64_t begin = s * chunk, end = min(group_numel, begin + chunk);
-  const scalar_t* p = x + bg * group_numel;
-  Acc2<acc_t> acc{0, 0};
-  // begin and end are multiples of VEC whenever VEC > 1 (checked on the host).
-  for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < end; i += static_cast<int64_t>(kThreads) * VEC) {
-    Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(p + i);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const acc_t v = static_cast<acc_t>(pk.v[j]);
-      acc.x += v;
-      acc.y += v * v;
-    }
-  }
-  acc = warp_sum2(acc);
-  __shared__ Acc2<acc_t> warp_acc[kThreads / 32];
+  __shared__ acc_t sa[kThreads / 32], sb[kThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_acc[warp] = acc;
+  if (lane == 0) {
+    sa[warp] = a;
+    sb[warp] = b;
+  }
   __syncthreads();
   if (warp == 0) {
-    acc = lane < kThreads / 32 ? warp_acc[lane] : Acc2<acc_t>{0, 0};
-    acc = warp_sum2(acc);
-    if (lane == 0) {
-      partial[(bg * gridDim.y + s) * 2] = acc.x;
-      partial[(bg * gridDim.y + s) * 2 + 1] = acc.y;
+    a = lane < kThreads / 32 ? sa[lane] : acc_t(0);
+    b = lane < kThreads / 32 ? sb[lane] : acc_t(0);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      a += __shfl_xor_sync(0xffffffffu, a, off);
+      b += __shfl_xor_sync(0xffffffffu, b, off);
     }
   }
 }
 
-// One thread per (b, g): adds the `splits` partials in a fixed order (deterministic).
-template <typename acc_t>
-__global__ void reduce_partials_kernel(const acc_t* __restrict__ partial, int64_t n_bg, int splits,
-                                       acc_t* __restrict__ out) {
+// grid = (B*G, splits). NCHW: block (bg, s) sums elements [s*chunk, min(gn, (s+1)*chunk)) of the contiguous
+// group; channels_last: rows (positions) [s*chunk, ...) of cpg channels each, C elements apart.
+// Shift K = the chunk's first element. Writes float64 (Σx, Σx²) to partial[bg * splits + s].
+template <typename scalar_t, int VEC, bool CL>
+__global__ void __launch_bounds__(kThreads) group_partials_kernel(const scalar_t* __restrict__ x, Geom g,
+                                                                  int64_t chunk, FastDiv packs_per_row,
+                                                                  double* __restrict__ partial) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t bg = blockIdx.x, s = blockIdx.y;
+  const scalar_t* base;
+  int64_t begin, end, n;
+  if constexpr (CL) {
+    base = x + (bg / g.G) * g.HW * g.C + (bg % g.G) * g.cpg;
+    begin = s * chunk;
+    end = min(g.HW, begin + chunk);
+    n = (end - begin) * g.cpg;
+  } else {
+    base = x + bg * g.cpg * g.HW;
+    begin = s * chunk;
+    end = min(g.cpg * g.HW, begin + chunk);
+    n = end - begin;
+  }
+  const acc_t k = static_cast<acc_t>(base[CL ? begin * g.C : begin]);
+  acc_t s1 = 0, s2 = 0;
+  if constexpr (CL) {
+    // Work item j = (row j / ppr, pack j % ppr) of the chunk; 32-bit, divide by multiply-high.
+    const scalar_t* p0 = base + begin * g.C;
+    const uint32_t items = static_cast<uint32_t>(n / VEC);
+    for (uint32_t j = threadIdx.x; j < items; j += kThreads) {
+      const uint32_t row = packs_per_row.div(j), col = j - row * packs_per_row.d;
+      const Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(p0 + row * g.C + col * VEC);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const acc_t d = static_cast<acc_t>(pk.v[v]) - k;
+        s1 += d;
+        s2 += d * d;
+      }
+    }
+  } else {
+    // begin and end are multiples of VEC (checked on the host).
+    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < end; i += int64_t{kThreads} * VEC) {
+      const Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(base + i);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const acc_t d = static_cast<acc_t>(pk.v[v]) - k;
+        s1 += d;
+        s2 += d * d;
+      }
+    }
+  }
+  block_sum2(s1, s2);
+  if (threadIdx.x == 0) {
+    double sum = 0, sumsq = 0;
+    unshift_sums(s1, s2, static_cast<double>(n), k, sum, sumsq);
+    partial[(bg * gridDim.y + s) * 2] = sum;
+    partial[(bg * gridDim.y + s) * 2 + 1] = sumsq;
+  }
+}
+
+// One thread per (b, g): adds its `splits` partials in a fixed order (deterministic).
+__global__ void reduce_partials_kernel(const double* __restrict__ partial, int64_t n_bg, int splits,
+                                       double* __restrict__ out) {
   const int64_t bg = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (bg >= n_bg) return;
-  acc_t s1 = 0, s2 = 0;
+  double s1 = 0, s2 = 0;
   for (int s = 0; s < splits; ++s) {
     s1 += partial[(bg * splits + s) * 2];
     s2 += partial[(bg * splits + s) * 2 + 1];
@@ -87,109 +153,260 @@ __global__ void reduce_partials_kernel(const acc_t* __restrict__ partial, int64_
   out[bg * 2 + 1] = s2;
 }
 
-// One thread per (b, c): scale = rstd * w[c], shift = bias[c] - mean * scale.
-template <typename acc_t>
-__global__ void scale_shift_kernel(const double* __restrict__ stats, const double* __restrict__ w,
-                                   const double* __restrict__ bias, int64_t B, int64_t C, int64_t G, double count,
-                                   double eps, acc_t* __restrict__ scale, acc_t* __restrict__ shift) {
-  const int64_t bc = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (bc >= B * C) return;
-  const int64_t b = bc / C, c = bc % C, g = c / (C / G);
-  const double mean = stats[(b * G + g) * 2] / count;
-  const double var = fmax(0.0, stats[(b * G + g) * 2 + 1] / count - mean * mean);
-  const double rstd = rsqrt(var + eps);
-  const double sc = rstd * (w ? w[c] : 1.0);
-  scale[bc] = static_cast<acc_t>(sc);
-  shift[bc] = static_cast<acc_t>((bias ? bias[c] : 0.0) - mean * sc);
-}
+// What the apply kernel needs besides x/y: where mean/var come from and the affine parameters.
+struct ApplyArgs {
+  StatsSource src;
+  const double* sums;  // the group's own sums as `splits` partials per (b, g) (unused for external stats)
+  int splits;
+  ParamRef w, b;
+};
 
-// Grid-stride over VEC-element packs. Each pack lies in one (b, c) plane (HW % VEC == 0).
-// Reads x once, writes y once.
-template <typename scalar_t, typename acc_t, int VEC, bool SILU>
-__global__ void apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n_packs, int64_t HW,
-                             const acc_t* __restrict__ scale, const acc_t* __restrict__ shift) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_packs;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = i * VEC, bc = e / HW;
-    const acc_t sc = scale[bc], sh = shift[bc];
-    Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(x + e);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      acc_t v = static_cast<acc_t>(pk.v[j]) * sc + sh;
-      if (SILU) v = v / (acc_t(1) + exp(-v));
-      pk.v[j] = static_cast<scalar_t>(v);
+// Block prologue: mean/rstd of groups [g0, g0 + ng) of batch b into shared memory (ng <= kThreads).
+__device__ __forceinline__ void group_moments(const ApplyArgs& a, int64_t b, const Geom& g, int64_t g0, int ng,
+                                              double* s_mean, double* s_rstd) {
+  for (int i = threadIdx.x; i < ng; i += kThreads) {
+    const int64_t bg = b * g.G + g0 + i;
+    double s1 = 0, s2 = 0;
+    if (a.src.needs_local()) {
+      for (int s = 0; s < a.splits; ++s) {
+        s1 += a.sums[(bg * a.splits + s) * 2];
+        s2 += a.sums[(bg * a.splits + s) * 2 + 1];
+      }
     }
-    *reinterpret_cast<Pack<scalar_t, VEC>*>(y + e) = pk;
+    const Moments m = a.src.moments(bg, s1, s2);
+    s_mean[i] = m.mean;
+    s_rstd[i] = m.rstd;
   }
 }
 
-template <typename scalar_t>
-int pick_vec(const void* ptr, int64_t divisor) {
-  int vec = 16 / static_cast<int>(sizeof(scalar_t));
-  while (vec > 1 && (divisor % vec != 0 || reinterpret_cast<uintptr_t>(ptr) % (vec * sizeof(scalar_t)) != 0)) vec /= 2;
-  return vec;
+// scale = rstd * w[c], shift = b[c] - mean * scale, in float64, stored in the compute type.
+template <typename acc_t>
+__device__ __forceinline__ void channel_scale_shift(const ApplyArgs& a, int64_t c, double mean, double rstd,
+                                                    acc_t& sc, acc_t& sh) {
+  const double s = rstd * a.w.at(c, 1.0);
+  sc = static_cast<acc_t>(s);
+  sh = static_cast<acc_t>(a.b.at(c, 0.0) - mean * s);
+}
+
+template <typename scalar_t, typename acc_t, int VEC, bool SILU>
+__device__ __forceinline__ void affine_pack(const scalar_t* src, scalar_t* dst, const acc_t* sc, const acc_t* sh) {
+  Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(src);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    acc_t y = static_cast<acc_t>(pk.v[v]) * sc[v] + sh[v];
+    if (SILU) y = y / (acc_t(1) + exp(-y));
+    pk.v[v] = static_cast<scalar_t>(y);
+  }
+  *reinterpret_cast<Pack<scalar_t, VEC>*>(dst) = pk;
+}
+
+// NCHW. Block tile: TP = kThreads >> th_log2 planes (b, c) x (TH = 1 << th_log2) pack columns, `iters`
+// column steps. grid = (ceil(B*C / TP), ceil(packs per plane / (TH * iters))). Reads x once, writes y once.
+template <typename scalar_t, int VEC, bool SILU>
+__global__ void __launch_bounds__(kThreads) apply_nchw_kernel(const scalar_t* __restrict__ x,
+                                                              scalar_t* __restrict__ y, Geom g, int64_t planes,
+                                                              int th_log2, int iters, ApplyArgs a) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ double s_mean[kThreads], s_rstd[kThreads];
+  __shared__ acc_t s_sc[kThreads], s_sh[kThreads];
+  const int tp = kThreads >> th_log2;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * tp;
+  const int64_t p1 = min(planes, p0 + tp);
+  // The planes of one block span groups [bg_lo, bg_hi] of the flattened (b, g) index.
+  const int64_t bg_lo = p0 / g.C * g.G + p0 % g.C / g.cpg;
+  const int64_t bg_hi = (p1 - 1) / g.C * g.G + (p1 - 1) % g.C / g.cpg;
+  group_moments(a, 0, g, bg_lo, static_cast<int>(bg_hi - bg_lo + 1), s_mean, s_rstd);
+  __syncthreads();
+  for (int i = threadIdx.x; i < p1 - p0; i += kThreads) {
+    const int64_t p = p0 + i, c = p % g.C, k = p / g.C * g.G + c / g.cpg - bg_lo;
+    channel_scale_shift(a, c, s_mean[k], s_rstd[k], s_sc[i], s_sh[i]);
+  }
+  __syncthreads();
+  const int row = threadIdx.x >> th_log2, th = 1 << th_log2;
+  if (p0 + row >= p1) return;
+  acc_t sc[VEC], sh[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    sc[v] = s_sc[row];
+    sh[v] = s_sh[row];
+  }
+  const int64_t ppp = g.HW / VEC;  // packs per plane
+  const int64_t plane = (p0 + row) * g.HW;
+  int64_t col = static_cast<int64_t>(blockIdx.y) * th * iters + (threadIdx.x & (th - 1));
+  for (int it = 0; it < iters && col < ppp; ++it, col += th)
+    affine_pack<scalar_t, acc_t, VEC, SILU>(x + plane + col * VEC, y + plane + col * VEC, sc, sh);
+}
+
+// channels_last: rows (b, position) of C channels. Block tile: TH = 1 << th_log2 channel-pack columns x
+// TP = kThreads >> th_log2 rows, `iters` row steps, all rows of one batch b.
+// grid = (B * row_blocks, ceil(C / VEC / TH)). Reads x once, writes y once.
+template <typename scalar_t, int VEC, bool SILU>
+__global__ void __launch_bounds__(kThreads) apply_nhwc_kernel(const scalar_t* __restrict__ x,
+                                                              scalar_t* __restrict__ y, Geom g, int64_t row_blocks,
+                                                              int th_log2, int iters, ApplyArgs a) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ double s_mean[kThreads], s_rstd[kThreads];
+  __shared__ acc_t s_sc[kThreads * VEC], s_sh[kThreads * VEC];
+  const int th = 1 << th_log2, tp = kThreads >> th_log2;
+  const int64_t b = blockIdx.x / row_blocks, rb = blockIdx.x % row_blocks;  // once per block
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * th * VEC, c1 = min(g.C, c0 + th * VEC);
+  const int64_t g_lo = c0 / g.cpg;
+  group_moments(a, b, g, g_lo, static_cast<int>((c1 - 1) / g.cpg - g_lo + 1), s_mean, s_rstd);
+  __syncthreads();
+  for (int i = threadIdx.x; i < c1 - c0; i += kThreads) {
+    const int64_t k = (c0 + i) / g.cpg - g_lo;
+    channel_scale_shift(a, c0 + i, s_mean[k], s_rstd[k], s_sc[i], s_sh[i]);
+  }
+  __syncthreads();
+  const int col = threadIdx.x & (th - 1);
+  if (c0 + col * VEC >= c1) return;
+  acc_t sc[VEC], sh[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    sc[v] = s_sc[col * VEC + v];
+    sh[v] = s_sh[col * VEC + v];
+  }
+  int64_t pos = rb * tp * iters + (threadIdx.x >> th_log2);
+  const int64_t off = (b * g.HW + pos) * g.C + c0 + col * VEC, step = static_cast<int64_t>(tp) * g.C;
+  const scalar_t* src = x + off;
+  scalar_t* dst = y + off;
+  for (int it = 0; it < iters && pos < g.HW; ++it, pos += tp, src += step, dst += step)
+    affine_pack<scalar_t, acc_t, VEC, SILU>(src, dst, sc, sh);
 }
 
 int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
+int log2_ceil(int64_t v) {
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
+// 16-byte packs when every pack stays in one (b, c) plane (NCHW) or one group's channels (NHWC) and the
+// pointers are aligned; single elements otherwise.
 template <typename scalar_t>
-void launch_group_stats(const at::Tensor& x, int64_t n_bg, int64_t group_numel, at::Tensor& out) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+int pick_vec(const GroupInput& in, const at::Tensor& out) {
+  constexpr int v = kVec<scalar_t>;
+  const bool aligned = reinterpret_cast<uintptr_t>(in.x.const_data_ptr()) % 16 == 0 &&
+                       (!out.defined() || reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0);
+  return aligned && (in.channels_last ? in.cpg : in.HW) % v == 0 ? v : 1;
+}
+
+// The statistics pass: float64 partial sums [B*G, splits, 2]; `into` receives them when splits == 1.
+struct Partials {
+  at::Tensor sums;
+  int splits;
+};
+
+template <typename scalar_t>
+Partials launch_partials(const GroupInput& in, const at::Tensor& into) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int vec = pick_vec<scalar_t>(x.const_data_ptr(), group_numel);
-  // Enough blocks to fill the GPU ~4x, each with at least a few passes of the block.
+  const int64_t n_bg = in.B * in.G;
+  const int vec = pick_vec<scalar_t>(in, at::Tensor());
+  // Chunks along the group's elements (NCHW) or rows (NHWC); enough blocks to fill the GPU ~4x, each
+  // with at least 4 passes of the block.
+  const int64_t extent = in.channels_last ? in.HW : in.group_numel();
+  const int64_t per_unit = in.channels_last ? in.cpg : 1;
+  const int64_t min_chunk = (int64_t{kThreads} * vec * 4 + per_unit - 1) / per_unit;
   const int64_t want = std::max<int64_t>(1, (4 * num_sms() + n_bg - 1) / n_bg);
-  const int64_t min_chunk = static_cast<int64_t>(kThreads) * vec * 4;
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (group_numel + min_chunk - 1) / min_chunk));
-  int64_t chunk = (group_numel + splits - 1) / splits;
-  chunk = (chunk + vec - 1) / vec * vec;
-  splits = (group_numel + chunk - 1) / chunk;
-  at::Tensor partial = at::empty({n_bg, splits, 2}, out.options());
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (extent + min_chunk - 1) / min_chunk));
+  int64_t chunk = (extent + splits - 1) / splits;
+  if (!in.channels_last) chunk = (chunk + vec - 1) / vec * vec;
+  splits = (extent + chunk - 1) / chunk;
+  at::Tensor sums = splits == 1 && into.defined() ? into : at::empty({n_bg, splits, 2}, in.x.options().dtype(at::kDouble));
   const dim3 grid(static_cast<unsigned>(n_bg), static_cast<unsigned>(splits));
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  acc_t* pp = partial.mutable_data_ptr<acc_t>();
-  switch (vec) {
-    case 8: group_partial_sums_kernel<scalar_t, acc_t, 8><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
-    case 4: group_partial_sums_kernel<scalar_t, acc_t, 4><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
-    case 2: group_partial_sums_kernel<scalar_t, acc_t, 2><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
-    default: group_partial_sums_kernel<scalar_t, acc_t, 1><<<grid, kThreads, 0, stream>>>(xp, group_numel, chunk, pp); break;
+  const Geom g{in.C, in.HW, in.G, in.cpg};
+  const FastDiv ppr(static_cast<uint32_t>(in.cpg / vec));
+  const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
+  double* out = sums.mutable_data_ptr<double>();
+  constexpr int V = kVec<scalar_t>;
+  if (in.channels_last) {
+    if (vec == V) group_partials_kernel<scalar_t, V, true><<<grid, kThreads, 0, stream>>>(xp, g, chunk, ppr, out);
+    else group_partials_kernel<scalar_t, 1, true><<<grid, kThreads, 0, stream>>>(xp, g, chunk, ppr, out);
+  } else {
+    if (vec == V) group_partials_kernel<scalar_t, V, false><<<grid, kThreads, 0, stream>>>(xp, g, chunk, ppr, out);
+    else group_partials_kernel<scalar_t, 1, false><<<grid, kThreads, 0, stream>>>(xp, g, chunk, ppr, out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  reduce_partials_kernel<acc_t><<<(n_bg + 127) / 128, 128, 0, stream>>>(
-      partial.const_data_ptr<acc_t>(), n_bg, static_cast<int>(splits), out.mutable_data_ptr<acc_t>());
+  return {sums, static_cast<int>(splits)};
+}
+
+// The partials reduced into `out` (float64 [B, G, 2]): no launch when they already are `out`.
+void reduce_into(const Partials& p, const at::Tensor& out) {
+  if (p.sums.data_ptr() == out.data_ptr()) return;
+  const int64_t n_bg = out.size(0) * out.size(1);
+  reduce_partials_kernel<<<(n_bg + 127) / 128, 128, 0, at::cuda::getCurrentCUDAStream()>>>(
+      p.sums.const_data_ptr<double>(), n_bg, p.splits, out.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, typename acc_t, bool SILU>
-void launch_apply_vec(const at::Tensor& x, at::Tensor& out, int64_t HW, const acc_t* sc, const acc_t* sh) {
+template <typename scalar_t, bool SILU>
+void launch_apply(const GroupInput& in, at::Tensor& out, const ApplyArgs& a) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int vec = pick_vec<scalar_t>(x.const_data_ptr(), HW);
-  const int64_t n_packs = x.numel() / vec;
-  const int blocks = static_cast<int>(std::min<int64_t>((n_packs + 255) / 256, 16LL * num_sms()));
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int vec = pick_vec<scalar_t>(in, out);
+  constexpr int V = kVec<scalar_t>;
+  const Geom g{in.C, in.HW, in.G, in.cpg};
+  const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
   scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-  switch (vec) {
-    case 8: apply_kernel<scalar_t, acc_t, 8, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
-    case 4: apply_kernel<scalar_t, acc_t, 4, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
-    case 2: apply_kernel<scalar_t, acc_t, 2, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
-    default: apply_kernel<scalar_t, acc_t, 1, SILU><<<blocks, 256, 0, stream>>>(xp, yp, n_packs, HW, sc, sh); break;
+  if (!in.channels_last) {
+    const int64_t ppp = in.HW / vec, planes = in.B * in.C;
+    const int th_log2 = std::min(log2_ceil(ppp), 8);
+    const int64_t th = int64_t{1} << th_log2;
+    const int iters = static_cast<int>(std::min<int64_t>(4, (ppp + th - 1) / th));
+    const dim3 grid(static_cast<unsigned>((planes + (kThreads >> th_log2) - 1) / (kThreads >> th_log2)),
+                    static_cast<unsigned>((ppp + th * iters - 1) / (th * iters)));
+    if (vec == V) apply_nchw_kernel<scalar_t, V, SILU><<<grid, kThreads, 0, stream>>>(xp, yp, g, planes, th_log2, iters, a);
+    else apply_nchw_kernel<scalar_t, 1, SILU><<<grid, kThreads, 0, stream>>>(xp, yp, g, planes, th_log2, iters, a);
+  } else {
+    const int64_t packs = in.C / vec;
+    const int th_log2 = std::min(log2_ceil(packs), 8);
+    const int64_t tp = kThreads >> th_log2;
+    const int iters = static_cast<int>(std::min<int64_t>(4, (in.HW + tp - 1) / tp));
+    const int64_t row_blocks = (in.HW + tp * iters - 1) / (tp * iters);
+    const dim3 grid(static_cast<unsigned>(in.B * row_blocks),
+                    static_cast<unsigned>((packs + (int64_t{1} << th_log2) - 1) >> th_log2));
+    if (vec == V) apply_nhwc_kernel<scalar_t, V, SILU><<<grid, kThreads, 0, stream>>>(xp, yp, g, row_blocks, th_log2, iters, a);
+    else apply_nhwc_kernel<scalar_t, 1, SILU><<<grid, kThreads, 0, stream>>>(xp, yp, g, row_blocks, th_log2, iters, a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_grid(const GroupInput& in) {
+  TORCH_CHECK_VALUE(in.B * in.G <= 0x7fffffff && in.cpg * in.HW <= 0x7fffffff && in.C <= 0x7fffffff,
+                    "halodiff: group_norm CUDA kernels need B*G, C and C/G*H*W below 2^31");
+}
+
+// group_norm / group_norm_stale: own sums where needed (into `local` when defined), then the apply pass.
+template <typename scalar_t>
+void run_group_norm(const GroupInput& in, at::Tensor& out, StatsSource src, bool silu,
+                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& local) {
+  ApplyArgs a{src, nullptr, 1, param_ref(weight), param_ref(bias)};
+  Partials p;
+  if (src.needs_local()) {
+    p = launch_partials<scalar_t>(in, local);
+    if (local.defined()) {
+      reduce_into(p, local);
+      a.sums = local.const_data_ptr<double>();
+    } else {
+      a.sums = p.sums.const_data_ptr<double>();
+      a.splits = p.splits;
+    }
+  }
+  if (silu) launch_apply<scalar_t, true>(in, out, a);
+  else launch_apply<scalar_t, false>(in, out, a);
 }
 
 at::Tensor group_stats_cuda(const at::Tensor& x_in, int64_t num_groups) {
   check_group_args(x_in, num_groups);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const int64_t B = x.size(0), n_bg = B * num_groups;
-  // float32 sums (float64 for float64 inputs).
-  at::Tensor out = at::empty({B, num_groups, 2},
-                             x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  if (n_bg == 0) return out;
-  const int64_t group_numel = x.numel() / n_bg;
-  if (group_numel == 0) return out.zero_();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_stats_cuda", [&] {
-    launch_group_stats<scalar_t>(x, n_bg, group_numel, out);
+  const GroupInput in = group_input(x_in, num_groups);
+  at::Tensor out = empty_group_sums(in);
+  if (out.numel() == 0) return out;
+  if (in.x.numel() == 0) return out.zero_();
+  check_grid(in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_stats_cuda", [&] {
+    reduce_into(launch_partials<scalar_t>(in, out), out);
   });
   return out;
 }
@@ -199,35 +416,34 @@ at::Tensor group_norm_cuda(const at::Tensor& x_in, int64_t num_groups, const c10
                            const c10::optional<at::Tensor>& stats, double count) {
   check_group_norm_args(x_in, num_groups, weight, bias, stats, count);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  at::Tensor out = at::empty_like(x);
-  if (x.numel() == 0) return out;
-  at::Tensor st;
-  double n = count;
-  if (stats.has_value() && stats->defined()) {
-    st = stats->to(at::kDouble).contiguous();  // [B, G, 2]: a tiny conversion
-  } else {
-    st = group_stats_cuda(x, num_groups).to(at::kDouble);
-    n = static_cast<double>(C / num_groups * HW);
-  }
-  const at::Tensor w = (weight.has_value() && weight->defined()) ? weight->to(at::kDouble).contiguous() : at::Tensor();
-  const at::Tensor bb = (bias.has_value() && bias->defined()) ? bias->to(at::kDouble).contiguous() : at::Tensor();
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_cuda", [&] {
-    // Per-(b, c) scale/shift in the compute type: float, double for double inputs.
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    at::Tensor ss = at::empty({2, B * C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    acc_t* sc = ss[0].mutable_data_ptr<acc_t>();
-    acc_t* sh = ss[1].mutable_data_ptr<acc_t>();
-    scale_shift_kernel<acc_t><<<(B * C + 255) / 256, 256, 0, stream>>>(
-        st.const_data_ptr<double>(), w.defined() ? w.const_data_ptr<double>() : nullptr,
-        bb.defined() ? bb.const_data_ptr<double>() : nullptr, B, C, num_groups, n, eps, sc, sh);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (silu) launch_apply_vec<scalar_t, acc_t, true>(x, out, HW, sc, sh);
-    else launch_apply_vec<scalar_t, acc_t, false>(x, out, HW, sc, sh);
+  const GroupInput in = group_input(x_in, num_groups);
+  at::Tensor out = empty_group_output(in);
+  if (out.numel() == 0) return out;
+  check_grid(in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_norm_cuda", [&] {
+    run_group_norm<scalar_t>(in, out, stats_source(in, stats, count, eps), silu, weight, bias, at::Tensor());
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> group_norm_stale_cuda(const at::Tensor& x_in, int64_t num_groups,
+                                                         const c10::optional<at::Tensor>& weight,
+                                                         const c10::optional<at::Tensor>& bias, double eps, bool silu,
+                                                         const at::Tensor& stale_global,
+                                                         const at::Tensor& stale_local, double count) {
+  check_group_norm_stale_args(x_in, num_groups, weight, bias, stale_global, stale_local, count);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const GroupInput in = group_input(x_in, num_groups);
+  at::Tensor out = empty_group_output(in);
+  at::Tensor local = empty_group_sums(in);
+  if (local.numel() == 0) return {out, local};
+  if (out.numel() == 0) return {out, local.zero_()};
+  check_grid(in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_norm_stale_cuda", [&] {
+    run_group_norm<scalar_t>(in, out, stale_source(in, stale_global, stale_local, count, eps), silu, weight, bias,
+                             local);
+  });
+  return {out, local};
 }
 
 }  // namespace
@@ -236,4 +452,5 @@ at::Tensor group_norm_cuda(const at::Tensor& x_in, int64_t num_groups, const c10
 TORCH_LIBRARY_IMPL(halodiff, CUDA, m) {
   m.impl("group_stats", &halodiff::group_stats_cuda);
   m.impl("group_norm", &halodiff::group_norm_cuda);
+  m.impl("group_norm_stale", &halodiff::group_norm_stale_cuda);
 }

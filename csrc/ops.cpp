@@ -1,17 +1,11 @@
-// halodiff native ops: TORCH_LIBRARY schemas, shared input checks and the CPU kernels.
+// halodiff native ops: the TORCH_LIBRARY schemas of every op, shared input checks and the CPU halo pack.
 // CUDA kernels live in *.cu files and register with TORCH_LIBRARY_IMPL(halodiff, CUDA, m).
 #include <torch/library.h>
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
-#include <type_traits>
-
-#include "cpu_simd.h"
 
 #include "halodiff.h"
 
@@ -37,15 +31,18 @@ void check_affine(const c10::optional<at::Tensor>& p, const at::Tensor& x, const
                     x.device());
 }
 
+void check_sums(const at::Tensor& s, const at::Tensor& x, int64_t num_groups, const char* name) {
+  TORCH_CHECK_VALUE(s.dim() == 3 && s.size(0) == x.size(0) && s.size(1) == num_groups && s.size(2) == 2,
+                    "halodiff: ", name, " must have shape [B, G, 2] = [", x.size(0), ", ", num_groups, ", 2], got ",
+                    s.sizes());
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kDouble, "halodiff: ", name,
+                   " must be float64 (group_stats returns float64 sums), got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.device() == x.device(), "halodiff: ", name, " is on ", s.device(), " but x is on ", x.device());
+}
+
 void check_stats(const c10::optional<at::Tensor>& stats, const at::Tensor& x, int64_t num_groups, double count) {
   if (!stats.has_value() || !stats->defined()) return;
-  const auto& s = *stats;
-  TORCH_CHECK_VALUE(s.dim() == 3 && s.size(0) == x.size(0) && s.size(1) == num_groups && s.size(2) == 2,
-                    "halodiff: stats must have shape [B, G, 2] = [", x.size(0), ", ", num_groups, ", 2], got ",
-                    s.sizes());
-  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat || (s.scalar_type() == at::kDouble && x.scalar_type() == at::kDouble),
-                   "halodiff: stats must be float32 (or float64 for a float64 x), got ", s.scalar_type());
-  TORCH_CHECK_VALUE(s.device() == x.device(), "halodiff: stats is on ", s.device(), " but x is on ", x.device());
+  check_sums(*stats, x, num_groups, "stats");
   TORCH_CHECK_VALUE(count > 0, "halodiff: count (elements per group covered by stats) must be > 0, got ", count);
 }
 
@@ -123,185 +120,81 @@ void check_group_norm_args(const at::Tensor& x, int64_t num_groups, const c10::o
   check_stats(stats, x, num_groups, count);
 }
 
+void check_group_norm_stale_args(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, const at::Tensor& stale_global,
+                                 const at::Tensor& stale_local, double count) {
+  check_group_norm_args(x, num_groups, weight, bias, c10::nullopt, 0.0);
+  check_sums(stale_global, x, num_groups, "stale_global");
+  check_sums(stale_local, x, num_groups, "stale_local");
+  TORCH_CHECK_VALUE(count > 0, "halodiff: count (elements per group covered by stale_global) must be > 0, got ",
+                    count);
+}
+
+// ----------------------------------------------------------------------------------------
+// Group-norm plumbing shared by the CPU and CUDA kernels.
+
+GroupInput group_input(const at::Tensor& x, int64_t num_groups) {
+  // channels_last (and not also plain contiguous, e.g. H = W = 1) is read in place; other layouts are
+  // made contiguous. reference.out_format and the fake kernels follow the same rule.
+  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  GroupInput in{cl ? x : x.contiguous(), cl, x.size(0), x.size(1), x.size(2) * x.size(3), num_groups,
+                x.size(1) / num_groups};
+  return in;
+}
+
+at::Tensor empty_group_output(const GroupInput& in) {
+  return at::empty_like(in.x, in.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+at::Tensor empty_group_sums(const GroupInput& in) {
+  return at::empty({in.B, in.G, 2}, in.x.options().dtype(at::kDouble));
+}
+
+ParamRef param_ref(const c10::optional<at::Tensor>& p) {
+  ParamRef r;
+  if (!p.has_value() || !p->defined()) return r;
+  r.ptr = p->const_data_ptr();
+  r.stride = p->stride(0);
+  switch (p->scalar_type()) {
+    case at::kHalf: r.kind = 1; break;
+    case at::kBFloat16: r.kind = 2; break;
+    case at::kFloat: r.kind = 3; break;
+    case at::kDouble: r.kind = 4; break;
+    default: TORCH_CHECK_TYPE(false, "halodiff: weight/bias must be float16, bfloat16, float32 or float64, got ",
+                              p->scalar_type());
+  }
+  return r;
+}
+
+StatsSource stats_source(const GroupInput& in, const c10::optional<at::Tensor>& stats, double count, double eps) {
+  StatsSource src;
+  src.eps = eps;
+  src.n_local = static_cast<double>(in.group_numel());
+  if (stats.has_value() && stats->defined()) {
+    TORCH_CHECK_VALUE(stats->is_contiguous(), "halodiff: stats must be contiguous; pass stats.contiguous()");
+    src.given = stats->const_data_ptr<double>();
+    src.count = count;
+  }
+  return src;
+}
+
+StatsSource stale_source(const GroupInput& in, const at::Tensor& stale_global, const at::Tensor& stale_local,
+                         double count, double eps) {
+  TORCH_CHECK_VALUE(stale_global.is_contiguous() && stale_local.is_contiguous(),
+                    "halodiff: stale_global and stale_local must be contiguous; pass .contiguous()");
+  StatsSource src;
+  src.eps = eps;
+  src.n_local = static_cast<double>(in.group_numel());
+  src.stale_global = stale_global.const_data_ptr<double>();
+  src.stale_local = stale_local.const_data_ptr<double>();
+  src.count = count;
+  return src;
+}
+
 namespace {
 
 // ----------------------------------------------------------------------------------------
-// CPU kernels.
-
-// Sum and sum of squares of p[0:n] in opmath precision, accumulated per 2048-element chunk in
-// 8 independent lanes (vectorisable without reassociation flags), chunks added in double.
-template <typename scalar_t>
-void sum_and_squares(const scalar_t* p, int64_t n, double& s1, double& s2) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kChunk = 2048;
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t end = std::min(n, i0 + kChunk);
-    acc_t a[8] = {0}, b[8] = {0};
-    int64_t i = i0;
-    for (; i + 8 <= end; i += 8) {
-      for (int j = 0; j < 8; ++j) {
-        const acc_t v = static_cast<acc_t>(p[i + j]);
-        a[j] += v;
-        b[j] += v * v;
-      }
-    }
-    acc_t ta = 0, tb = 0;
-    for (; i < end; ++i) {
-      const acc_t v = static_cast<acc_t>(p[i]);
-      ta += v;
-      tb += v * v;
-    }
-    for (int j = 0; j < 8; ++j) {
-      ta += a[j];
-      tb += b[j];
-    }
-    s1 += static_cast<double>(ta);
-    s2 += static_cast<double>(tb);
-  }
-}
-
-// y = x * sc + sh (then SiLU) for one channel's n elements, in the opmath type (float64 stays float64).
-template <typename scalar_t>
-void scale_shift(const scalar_t* src, scalar_t* dst, int64_t n, double sc_d, double sh_d, bool silu) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t sc = static_cast<acc_t>(sc_d), sh = static_cast<acc_t>(sh_d);
-  for (int64_t i = 0; i < n; ++i) {
-    acc_t y = static_cast<acc_t>(src[i]) * sc + sh;
-    if (silu) y = y / (acc_t(1) + std::exp(-y));
-    dst[i] = static_cast<scalar_t>(y);
-  }
-}
-
-#if HALODIFF_CPU_SIMD
-// float32 on AVX2+FMA: the same 2048-element chunking, 4 x 8 lanes per sum, then the tail.
-HALODIFF_AVX2 void sum_and_squares_avx2(const float* p, int64_t n, double& s1, double& s2) {
-  constexpr int64_t kChunk = 2048;
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t end = std::min(n, i0 + kChunk);
-    __m256 a[4], b[4];
-    for (int j = 0; j < 4; ++j) a[j] = b[j] = _mm256_setzero_ps();
-    int64_t i = i0;
-    for (; i + 32 <= end; i += 32) {
-      for (int j = 0; j < 4; ++j) {
-        const __m256 v = _mm256_loadu_ps(p + i + 8 * j);
-        a[j] = _mm256_add_ps(a[j], v);
-        b[j] = _mm256_fmadd_ps(v, v, b[j]);
-      }
-    }
-    float ta = simd::hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
-    float tb = simd::hsum(_mm256_add_ps(_mm256_add_ps(b[0], b[1]), _mm256_add_ps(b[2], b[3])));
-    for (; i < end; ++i) {
-      ta += p[i];
-      tb += p[i] * p[i];
-    }
-    s1 += ta;
-    s2 += tb;
-  }
-}
-
-HALODIFF_AVX2 void scale_shift_avx2(const float* src, float* dst, int64_t n, float sc, float sh, bool silu) {
-  const __m256 vs = _mm256_set1_ps(sc), vh = _mm256_set1_ps(sh);
-  int64_t i = 0;
-  if (silu) {
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, simd::silu(_mm256_fmadd_ps(_mm256_loadu_ps(src + i), vs, vh)));
-  } else {
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_fmadd_ps(_mm256_loadu_ps(src + i), vs, vh));
-  }
-  scale_shift(src + i, dst + i, n - i, sc, sh, silu);
-}
-#endif
-
-template <typename scalar_t>
-void group_sums(const scalar_t* p, int64_t n, double& s1, double& s2) {
-#if HALODIFF_CPU_SIMD
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (simd::cpu_has_avx2_fma()) return sum_and_squares_avx2(p, n, s1, s2);
-  }
-#endif
-  sum_and_squares(p, n, s1, s2);
-}
-
-template <typename scalar_t>
-void channel_affine(const scalar_t* src, scalar_t* dst, int64_t n, double sc, double sh, bool silu) {
-#if HALODIFF_CPU_SIMD
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (simd::cpu_has_avx2_fma())
-      return scale_shift_avx2(src, dst, n, static_cast<float>(sc), static_cast<float>(sh), silu);
-  }
-#endif
-  scale_shift(src, dst, n, sc, sh, silu);
-}
-
-// Tasks of at least ~32K elements, so small tensors stay on one thread.
-int64_t group_grain(int64_t group_numel) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, group_numel)); }
-
-at::Tensor group_stats_cpu(const at::Tensor& x_in, int64_t num_groups) {
-  check_group_args(x_in, num_groups);
-  const at::Tensor x = x_in.contiguous();
-  const int64_t B = x.size(0), group_numel = x.numel() / std::max<int64_t>(1, B * num_groups);
-  // Sums are float32, or float64 for float64 inputs (their own accumulation precision).
-  const bool f64 = x.scalar_type() == at::kDouble;
-  at::Tensor out = at::empty({B, num_groups, 2}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_stats_cpu", [&] {
-    const scalar_t* p = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B * num_groups, group_grain(group_numel), [&](int64_t begin, int64_t end) {
-      for (int64_t bg = begin; bg < end; ++bg) {
-        double s1 = 0, s2 = 0;
-        group_sums(p + bg * group_numel, group_numel, s1, s2);
-        if (f64) {
-          out.mutable_data_ptr<double>()[2 * bg] = s1;
-          out.mutable_data_ptr<double>()[2 * bg + 1] = s2;
-        } else {
-          out.mutable_data_ptr<float>()[2 * bg] = static_cast<float>(s1);
-          out.mutable_data_ptr<float>()[2 * bg + 1] = static_cast<float>(s2);
-        }
-      }
-    });
-  });
-  return out;
-}
-
-// One task per (b, group): its statistics (unless given), then y = x * scale + shift per channel
-// with scale = rstd * w, shift = b - mean * scale. The group's second read comes from cache.
-at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t num_groups, const c10::optional<at::Tensor>& weight,
-                          const c10::optional<at::Tensor>& bias, double eps, bool silu,
-                          const c10::optional<at::Tensor>& stats, double count) {
-  check_group_norm_args(x_in, num_groups, weight, bias, stats, count);
-  const at::Tensor x = x_in.contiguous();
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), cpg = C / num_groups;
-  const bool given = stats.has_value() && stats->defined();
-  const at::Tensor st = given ? stats->to(at::kDouble).contiguous() : at::Tensor();
-  const double n = given ? count : static_cast<double>(cpg * HW);
-  const at::Tensor w = (weight.has_value() && weight->defined()) ? weight->to(at::kDouble).contiguous() : at::Tensor();
-  const at::Tensor bb = (bias.has_value() && bias->defined()) ? bias->to(at::kDouble).contiguous() : at::Tensor();
-  const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
-  const double* bp = bb.defined() ? bb.const_data_ptr<double>() : nullptr;
-  at::Tensor out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_cpu", [&] {
-    const scalar_t* p = x.const_data_ptr<scalar_t>();
-    scalar_t* q = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * num_groups, group_grain(cpg * HW), [&](int64_t begin, int64_t end) {
-      for (int64_t bg = begin; bg < end; ++bg) {
-        double s1 = 0, s2 = 0;
-        if (given) {
-          s1 = st.const_data_ptr<double>()[2 * bg];
-          s2 = st.const_data_ptr<double>()[2 * bg + 1];
-        } else {
-          group_sums(p + bg * cpg * HW, cpg * HW, s1, s2);
-        }
-        const double mean = s1 / n, var = std::max(0.0, s2 / n - mean * mean), rstd = 1.0 / std::sqrt(var + eps);
-        const int64_t g = bg % num_groups;
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-          const double sc = rstd * (wp ? wp[c] : 1.0);
-          const double sh = (bp ? bp[c] : 0.0) - mean * sc;
-          const int64_t off = (bg / num_groups * C + c) * HW;
-          channel_affine(p + off, q + off, HW, sc, sh, silu);
-        }
-      }
-    });
-  });
-  return out;
-}
+// CPU halo pack (group-norm CPU kernels: group_norm_cpu.cpp; attention: segmented_attention_cpu.cpp).
 
 void halo_pack_into_cpu(at::TensorList tensors, at::IntArrayRef top, at::IntArrayRef bottom, const at::Tensor& out) {
   int64_t total = 0;
@@ -342,18 +235,25 @@ at::Tensor halo_pack_cpu(at::TensorList tensors, at::IntArrayRef top, at::IntArr
 }  // namespace
 }  // namespace halodiff
 
+// Every halodiff op schema, in one place. Kernels register per backend with TORCH_LIBRARY_IMPL:
+// CPU in group_norm_cpu.cpp, segmented_attention_cpu.cpp and below; CUDA in the .cu files.
 TORCH_LIBRARY(halodiff, m) {
+  // float64 [B, G, 2] per-group (Σx, Σx²) of x[B, C, H, W] (any float dtype, NCHW or channels_last).
   m.def("group_stats(Tensor x, int num_groups) -> Tensor");
+  // GroupNorm (+ SiLU) with the group's own statistics, or float64 `stats` sums over `count` elements.
   m.def(
       "group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu, Tensor? stats, "
       "float count) -> Tensor");
+  // DistriFusion's async GroupNorm: y with the corrected stale estimate, and the band's own sums.
+  m.def(
+      "group_norm_stale(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu, "
+      "Tensor stale_global, Tensor stale_local, float count) -> (Tensor, Tensor)");
   m.def("halo_pack(Tensor[] tensors, int[] top, int[] bottom) -> Tensor");
   m.def("halo_pack_into(Tensor[] tensors, int[] top, int[] bottom, Tensor(a!) out) -> ()");
+  m.def("segmented_attention(Tensor q, Tensor[] ks, Tensor[] vs, float? scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(halodiff, CPU, m) {
-  m.impl("group_stats", &halodiff::group_stats_cpu);
-  m.impl("group_norm", &halodiff::group_norm_cpu);
   m.impl("halo_pack", &halodiff::halo_pack_cpu);
   m.impl("halo_pack_into", &halodiff::halo_pack_into_cpu);
 }

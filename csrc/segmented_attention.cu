@@ -21,90 +21,39 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
+#include "attention_layout.cuh"
+#include "attention_mma.cuh"
 #include "halodiff.h"
+#include "segmented_attention_v2.cuh"
 
 namespace halodiff {
 namespace {
 
-// ---- device code ----
-constexpr int kMaxSegments = 64;  // 64 * 64 B + header ~ 4.3 KB of kernel parameters (CUDA 12.1+ allows 32 KB)
-constexpr int kMaxHeadDim = 256;
+// ---- device code (v1; AttnParams and the warp primitives are shared with v2) ----
+using attn::AttnParams;
+using attn::SegmentParam;
+using attn::from_float;
+using attn::kMaxHeadDim;
+using attn::kMaxSegments;
+using attn::mma16816;
+using attn::pack2;
+using attn::to_float;
 constexpr int kThreads = 128;
 
-struct SegmentParam {
-  const void* k;
-  const void* v;
-  int64_t k_stride_b, k_stride_h, k_stride_l;  // in elements
-  int64_t v_stride_b, v_stride_h, v_stride_l;
-};
-
-struct AttnParams {
-  const void* q;
-  void* out;
-  int64_t q_stride_b, q_stride_h, q_stride_l;  // in elements
-  int64_t o_stride_b, o_stride_h, o_stride_l;
-  int32_t heads, lq, d, n_segs, m_blocks;
-  float scale_log2;  // scale * log2(e): scores are kept in base-2 units, softmax uses exp2
-  bool vec16;        // every row start is 16-byte aligned and d is a multiple of 16 / sizeof(T)
-  int32_t len[kMaxSegments];
-  SegmentParam seg[kMaxSegments];
-};
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-// Two floats rounded to T and packed in one 32-bit register (lo in the low half), as mma operands hold them.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__) < 1201
+static_assert(sizeof(AttnParams) <= 4096, "kernel parameter blocks > 4 KB need CUDA >= 12.1: lower kMaxSegments");
+#endif
+static_assert(sizeof(AttnParams) <= 32764, "kernel parameter block above CUDA's 32,764-byte limit");
 
 __device__ __forceinline__ uint32_t ld32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
-// D[16x8] += A[16x16] · B[16x8], fp32 accumulators. Fragment layouts (PTX ISA, mma.m16n8k16), with
-// g = lane / 4, t = lane % 4: a = {A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]},
-// b = {B[2t..2t+1][g], B[2t+8..2t+9][g]}, c = {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                        const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
 
 // Copies a ROWS x DP tile into shared memory dst[ROWS][LDS] (as S): row r, column c comes from
 // src[r * ld + c] when r < rows_valid and c < d, and is 0 otherwise (padding rows/columns must be
@@ -139,9 +88,9 @@ __device__ __forceinline__ void load_tile(S* __restrict__ dst, const T* __restri
 template <int DP>
 struct MmaConfig {
   static constexpr int BM = 64;                  // query rows per block: 4 warps x 16
-  static constexpr int BN = DP <= 128 ? 64 : 32;  // K/V rows per tile
+  static constexpr int BN = attn::v1_block_n(DP);  // K/V rows per tile
   static constexpr int LDS = DP + 8;             // smem row pitch (halves): 16-byte rows, no bank conflicts
-  static constexpr size_t smem_bytes(size_t elem) { return static_cast<size_t>(BM + 2 * BN) * LDS * elem; }
+  static constexpr size_t smem_bytes(int elem) { return attn::v1_mma_smem_bytes(DP, elem); }
 };
 
 // Tensor-core kernel (T = __half or __nv_bfloat16). Block blockIdx.x -> (b, h, query tile m0..m0+63).
@@ -192,8 +141,7 @@ __global__ void __launch_bounds__(kThreads) seg_attn_mma_kernel(const __grid_con
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           const T* kp = Ks + (j * 8 + g) * LDS + kk * 16 + 2 * t;
-          const uint32_t bb[2] = {ld32(kp), ld32(kp + 8)};
-          mma16816<T>(sc[j], a, bb);
+          mma16816<T>(sc[j], a, ld32(kp), ld32(kp + 8));
         }
       }
 
@@ -250,9 +198,8 @@ __global__ void __launch_bounds__(kThreads) seg_attn_mma_kernel(const __grid_con
 #pragma unroll
         for (int nd = 0; nd < OT; ++nd) {
           const uint16_t* vp = v16 + (c * 16 + 2 * t) * LDS + nd * 8 + g;
-          const uint32_t bb[2] = {static_cast<uint32_t>(vp[0]) | (static_cast<uint32_t>(vp[LDS]) << 16),
-                                  static_cast<uint32_t>(vp[8 * LDS]) | (static_cast<uint32_t>(vp[9 * LDS]) << 16)};
-          mma16816<T>(o[nd], a, bb);
+          mma16816<T>(o[nd], a, static_cast<uint32_t>(vp[0]) | (static_cast<uint32_t>(vp[LDS]) << 16),
+                      static_cast<uint32_t>(vp[8 * LDS]) | (static_cast<uint32_t>(vp[9 * LDS]) << 16));
         }
       }
     }
@@ -287,18 +234,16 @@ __global__ void __launch_bounds__(kThreads) seg_attn_mma_kernel(const __grid_con
 template <int DP>
 struct SimtConfig {
   static constexpr int BM = 32;                  // query rows per block: 8 row groups x 4 rows
-  static constexpr int BN = DP <= 128 ? 64 : 32;  // K/V rows per tile
+  static constexpr int BN = attn::v1_block_n(DP);  // K/V rows per tile
   static constexpr int LDQ = DP + 1, LDK = DP + 1, LDV = DP, LDP = BN + 1;  // odd pitches: no bank conflicts
-  static constexpr size_t smem_bytes() {
-    return static_cast<size_t>(BM * LDQ + BN * LDK + BN * LDV + BM * LDP) * sizeof(float);
-  }
+  static constexpr size_t smem_bytes() { return attn::simt_smem_bytes(DP); }
 };
 
 // fp32 kernel (exact fp32 FMAs). Thread (ty = tid / 16, tx = tid % 16) owns query rows 4ty..4ty+3,
 // S columns tx + 16c and O columns tx + 16c; the 16 threads of a half-warp share rows.
 // Shared memory (float): Q [32][DP+1], K [BN][DP+1], V [BN][DP], P [32][BN+1].
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) seg_attn_simt_kernel(const __grid_constant__ AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 1) seg_attn_simt_kernel(const __grid_constant__ AttnParams p) {
   using Cfg = SimtConfig<DP>;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, LDQ = Cfg::LDQ, LDK = Cfg::LDK, LDV = Cfg::LDV, LDP = Cfg::LDP;
   constexpr int NC = BN / 16, DC = DP / 16;
@@ -411,9 +356,6 @@ __global__ void __launch_bounds__(kThreads) seg_attn_simt_kernel(const __grid_co
 }
 // ---- host code ----
 
-// Padded head dim a kernel is instantiated for: next multiple of 16 up to 128, of 32 above.
-int padded_head_dim(int64_t d) { return d <= 128 ? static_cast<int>((d + 15) / 16 * 16) : static_cast<int>((d + 31) / 32 * 32); }
-
 template <typename F>
 void with_head_dim(int dp, F&& f) {
   switch (dp) {
@@ -433,12 +375,21 @@ void with_head_dim(int dp, F&& f) {
   }
 }
 
-template <typename Kernel>
-void launch(Kernel kernel, const AttnParams& p, int64_t blocks, size_t smem, cudaStream_t stream) {
+// Launches Kernel; its dynamic shared-memory limit is raised once per kernel and device (the size a kernel
+// instantiation asks for is fixed), not on every launch.
+template <auto Kernel, typename Params>
+void launch(int64_t blocks, int threads, size_t smem, cudaStream_t stream, const Params& p) {
+  TORCH_CHECK_VALUE(blocks <= INT32_MAX, "halodiff: segmented_attention grid too large: ", blocks, " blocks");
   if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    static std::atomic<uint64_t> configured{0};  // bit i: done on device i (< 64; others set it every launch)
+    const int dev = c10::cuda::current_device();
+    const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+    if (bit == 0 || !(configured.load(std::memory_order_acquire) & bit)) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      configured.fetch_or(bit, std::memory_order_acq_rel);
+    }
   }
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  Kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -460,6 +411,70 @@ bool vec_loadable(const at::Tensor& t, int64_t vec) {
 // layer has already made contiguous).
 at::Tensor dense_last_dim(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// HALODIFF_ATTENTION_KERNEL=v1|v2 (default v2), read once: which fp16/bf16 kernel the op runs. v1 is
+// the previous kernel, kept selectable until a GPU run has validated v2 (bench/gpu_suite.sh tests both).
+int attention_kernel_version() {
+  static const char* env = std::getenv("HALODIFF_ATTENTION_KERNEL");
+  static const int version = [] {
+    const std::string v = env ? env : "";
+    return v.empty() || v == "v2" || v == "2" ? 2 : v == "v1" || v == "1" ? 1 : 0;
+  }();
+  TORCH_CHECK_VALUE(version != 0, "halodiff: HALODIFF_ATTENTION_KERNEL must be v1 or v2 (default v2), got '", env,
+                    "'");
+  return version;
+}
+
+// v2 launch for one (dtype, padded head dim, tile). splits = 0: chosen to fill the GPU.
+template <typename T, int DP, int WARPS, int MT>
+void run_v2(attn::AttnParams& p, int64_t bh, int64_t lq, int splits, int sms, const at::TensorOptions& opts,
+            cudaStream_t stream) {
+  using Cfg = attn::V2Config<DP, WARPS, MT>;
+  p.m_blocks = static_cast<int32_t>((lq + Cfg::BM - 1) / Cfg::BM);
+  int64_t tiles = 0;
+  for (int s = 0; s < p.n_segs; ++s) tiles += attn::tiles_of(p.len[s], Cfg::BN);
+  TORCH_CHECK_VALUE(tiles <= INT32_MAX, "halodiff: segmented_attention has too many K/V rows");
+  p.total_tiles = static_cast<int32_t>(tiles);
+  const int64_t blocks = bh * p.m_blocks;
+  p.splits = splits > 0 ? std::min<int>(splits, p.total_tiles) : attn::choose_splits(blocks, p.total_tiles, sms);
+  at::Tensor o_part, lse;  // the caching allocator keeps them valid for the launches on this stream
+  if (p.splits > 1) {
+    o_part = at::empty({p.splits, bh * lq, DP}, opts.dtype(at::kFloat));
+    lse = at::empty({p.splits, bh * lq}, opts.dtype(at::kFloat));
+    p.o_part = o_part.mutable_data_ptr<float>();
+    p.lse = lse.mutable_data_ptr<float>();
+  }
+  launch<attn::seg_attn_v2_kernel<T, DP, WARPS, MT>>(blocks * p.splits, Cfg::kThreads, Cfg::kSmemBytes, stream, p);
+  if (p.splits > 1) {
+    const attn::MergeParams mp{p.o_part, p.lse, p.out, p.o_stride_b, p.o_stride_h, p.o_stride_l, bh * lq,
+                               p.heads, p.lq, p.d, DP, p.splits, p.out_vec16};
+    const int64_t threads = mp.rows * ((p.d + 7) / 8);
+    launch<attn::seg_attn_merge_kernel<T>>((threads + 255) / 256, 256, 0, stream, mp);
+  }
+}
+
+template <typename T, int DP>
+void run_v2_tile(attn::AttnParams& p, attn::Tile tile, int64_t bh, int64_t lq, int splits, int sms,
+                 const at::TensorOptions& opts, cudaStream_t stream) {
+  TORCH_CHECK_VALUE(attn::v2_tile_supported(DP, tile.warps, tile.mt), "halodiff: no ", 16 * tile.warps * tile.mt,
+                    "-row segmented_attention tile for head dim ", p.d, " (128 rows: head dim <= 64, 16 rows: <= 160)");
+  if constexpr (attn::v2_tile_supported(DP, 1, 1)) {
+    if (tile.warps == 1) return run_v2<T, DP, 1, 1>(p, bh, lq, splits, sms, opts, stream);
+  }
+  if constexpr (attn::v2_tile_supported(DP, 4, 2)) {
+    if (tile.mt == 2) return run_v2<T, DP, 4, 2>(p, bh, lq, splits, sms, opts, stream);
+  }
+  run_v2<T, DP, 4, 1>(p, bh, lq, splits, sms, opts, stream);
+}
+
+// v2 reads rows with 16-byte cp.async: a tensor whose rows do not all start 16-byte aligned (an odd
+// offset view, or a head dim that is not a multiple of 8 with such strides) is copied once into a
+// [B, H, L, D rounded up to 8] buffer and read through a [..., :D] view of it.
+at::Tensor aligned_rows(const at::Tensor& t, int64_t vec) {
+  if (vec_loadable(t, vec)) return t;
+  const int64_t d = t.size(3), dv = (d + vec - 1) / vec * vec;
+  return at::empty({t.size(0), t.size(1), t.size(2), dv}, t.options()).narrow(3, 0, d).copy_(t);
+}
+
 }  // namespace
 
 // Defined in segmented_attention_cpu.cpp (the argument checks shared with the CPU kernel).
@@ -467,8 +482,11 @@ void check_segmented_attention(const at::Tensor& q, at::TensorList ks, at::Tenso
 
 namespace {
 
-at::Tensor segmented_attention_cuda(const at::Tensor& q_in, at::TensorList ks, at::TensorList vs,
-                                    c10::optional<double> scale) {
+// version: 1 or 2 (fp16/bf16 kernel; fp32 always runs the SIMT kernel). block_m (v2): 0 = chosen,
+// 16 = short-query tile (head dim <= 160), 64, 128 (head dim <= 64). splits (v2): 0 = chosen, else at most
+// that many.
+at::Tensor segmented_attention_impl(const at::Tensor& q_in, at::TensorList ks, at::TensorList vs,
+                                    c10::optional<double> scale, int version, int block_m, int splits) {
   check_segmented_attention(q_in, ks, vs, scale);
   TORCH_CHECK_VALUE(q_in.is_cuda(), "halodiff: segmented_attention CUDA kernel got q on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -482,22 +500,26 @@ at::Tensor segmented_attention_cuda(const at::Tensor& q_in, at::TensorList ks, a
   if (out.numel() == 0) return out;
   TORCH_CHECK_VALUE(D <= kMaxHeadDim, "halodiff: the segmented_attention CUDA kernel supports head dims <= ",
                     kMaxHeadDim, ", got ", D, "; use the triton/reference backend");
-  const at::Tensor q = dense_last_dim(q_in);
+  const int64_t vec = 16 / static_cast<int64_t>(q_in.element_size());
+  const bool tensor_cores = dtype != at::kFloat;
+  const bool v2 = tensor_cores && version == 2;
+  auto prepare = [&](const at::Tensor& t) { return v2 ? aligned_rows(dense_last_dim(t), vec) : dense_last_dim(t); };
+  const at::Tensor q = prepare(q_in);
   std::vector<at::Tensor> keep;  // owns any contiguous copies for the duration of the launch
   AttnParams p{};
   p.q = q.const_data_ptr();
   p.out = out.mutable_data_ptr();
   set_strides(q, p.q_stride_b, p.q_stride_h, p.q_stride_l);
   set_strides(out, p.o_stride_b, p.o_stride_h, p.o_stride_l);
-  const int64_t vec = 16 / static_cast<int64_t>(q.element_size());
-  bool vec16 = D % vec == 0 && vec_loadable(q, vec);
+  // v1/SIMT: 16-byte loads when every row is 16-byte aligned and d % vec == 0 (v2: always, see prepare).
+  bool rows16 = vec_loadable(q, vec);
   int n = 0;
   for (size_t i = 0; i < ks.size(); ++i) {
     if (ks[i].size(2) == 0) continue;  // empty segments contribute nothing
     TORCH_CHECK_VALUE(n < kMaxSegments, "halodiff: the segmented_attention CUDA kernel takes at most ", kMaxSegments,
                       " non-empty segments in one launch, got more; use the triton/cpu/reference backend");
     TORCH_CHECK_VALUE(ks[i].size(2) <= INT32_MAX, "halodiff: segment ", i, " is too long (", ks[i].size(2), " rows)");
-    const at::Tensor k = dense_last_dim(ks[i]), v = dense_last_dim(vs[i]);
+    const at::Tensor k = prepare(ks[i]), v = prepare(vs[i]);
     keep.push_back(k);
     keep.push_back(v);
     SegmentParam& s = p.seg[n];
@@ -506,7 +528,7 @@ at::Tensor segmented_attention_cuda(const at::Tensor& q_in, at::TensorList ks, a
     set_strides(k, s.k_stride_b, s.k_stride_h, s.k_stride_l);
     set_strides(v, s.v_stride_b, s.v_stride_h, s.v_stride_l);
     p.len[n] = static_cast<int32_t>(k.size(2));
-    vec16 = vec16 && vec_loadable(k, vec) && vec_loadable(v, vec);
+    rows16 = rows16 && vec_loadable(k, vec) && vec_loadable(v, vec);
     ++n;
   }
   if (n == 0) return out.zero_();  // every segment is empty: no keys, the result is defined as zeros
@@ -515,40 +537,77 @@ at::Tensor segmented_attention_cuda(const at::Tensor& q_in, at::TensorList ks, a
   p.heads = static_cast<int32_t>(H);
   p.lq = static_cast<int32_t>(Lq);
   p.d = static_cast<int32_t>(D);
-  p.vec16 = vec16;
+  p.splits = 1;
+  p.out_vec16 = vec_loadable(out, vec);
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
   p.scale_log2 = static_cast<float>(s * 1.4426950408889634);  // log2(e)
 
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int dp = padded_head_dim(D);
-  const bool tensor_cores = dtype != at::kFloat;
+  const int dp = attn::padded_head_dim(static_cast<int>(D));
+  const auto* props = at::cuda::getCurrentDeviceProperties();
   if (tensor_cores) {
-    TORCH_CHECK_VALUE(at::cuda::getCurrentDeviceProperties()->major >= 8,
+    TORCH_CHECK_VALUE(props->major >= 8,
                       "halodiff: the float16/bfloat16 segmented_attention CUDA kernel needs sm_80+ (mma.sync bf16/f16"
                       " with fp32 accumulation); use the triton/reference backend on this GPU");
   }
   with_head_dim(dp, [&](auto dp_const) {
     constexpr int DP = decltype(dp_const)::value;
-    if (tensor_cores) {
+    if (v2) {
+      p.vec16 = true;  // aligned_rows
+      const int sms = props->multiProcessorCount;
+      const attn::Tile tile = block_m == 16   ? attn::Tile{1, 1}
+                              : block_m == 64  ? attn::Tile{4, 1}
+                              : block_m == 128 ? attn::Tile{4, 2}
+                                               : attn::choose_tile(B * H, Lq, DP, sms);
+      if (dtype == at::kHalf) run_v2_tile<__half, DP>(p, tile, B * H, Lq, splits, sms, q.options(), stream);
+      else run_v2_tile<__nv_bfloat16, DP>(p, tile, B * H, Lq, splits, sms, q.options(), stream);
+    } else if (tensor_cores) {
       using Cfg = MmaConfig<DP>;
+      p.vec16 = rows16 && D % vec == 0;
       p.m_blocks = static_cast<int32_t>((Lq + Cfg::BM - 1) / Cfg::BM);
+      const size_t smem = Cfg::smem_bytes(static_cast<int>(q.element_size()));
       const int64_t blocks = B * H * p.m_blocks;
-      TORCH_CHECK_VALUE(blocks <= INT32_MAX, "halodiff: segmented_attention grid too large: ", blocks, " blocks");
-      const size_t smem = Cfg::smem_bytes(q.element_size());
-      if (dtype == at::kHalf) launch(seg_attn_mma_kernel<__half, DP>, p, blocks, smem, stream);
-      else launch(seg_attn_mma_kernel<__nv_bfloat16, DP>, p, blocks, smem, stream);
+      if (dtype == at::kHalf) launch<seg_attn_mma_kernel<__half, DP>>(blocks, kThreads, smem, stream, p);
+      else launch<seg_attn_mma_kernel<__nv_bfloat16, DP>>(blocks, kThreads, smem, stream, p);
     } else {
       using Cfg = SimtConfig<DP>;
+      p.vec16 = rows16 && D % vec == 0;
       p.m_blocks = static_cast<int32_t>((Lq + Cfg::BM - 1) / Cfg::BM);
-      const int64_t blocks = B * H * p.m_blocks;
-      TORCH_CHECK_VALUE(blocks <= INT32_MAX, "halodiff: segmented_attention grid too large: ", blocks, " blocks");
-      launch(seg_attn_simt_kernel<float, DP>, p, blocks, Cfg::smem_bytes(), stream);
+      launch<seg_attn_simt_kernel<float, DP>>(B * H * p.m_blocks, kThreads, Cfg::smem_bytes(), stream, p);
     }
   });
   return out;
 }
 
+at::Tensor segmented_attention_cuda(const at::Tensor& q, at::TensorList ks, at::TensorList vs,
+                                    c10::optional<double> scale) {
+  return segmented_attention_impl(q, ks, vs, scale, attention_kernel_version(), 0, 0);
+}
+
+// Tests and benchmarks: one kernel variant explicitly, whatever HALODIFF_ATTENTION_KERNEL says.
+at::Tensor segmented_attention_cuda_variant(const at::Tensor& q, at::TensorList ks, at::TensorList vs,
+                                            c10::optional<double> scale, int64_t version, int64_t block_m,
+                                            int64_t splits) {
+  TORCH_CHECK_VALUE(version == 1 || version == 2, "halodiff: version must be 1 or 2, got ", version);
+  TORCH_CHECK_VALUE(block_m == 0 || block_m == 16 || block_m == 64 || block_m == 128,
+                    "halodiff: block_m must be 0 (auto), 16, 64 or 128, got ", block_m);
+  TORCH_CHECK_VALUE(splits >= 0 && splits <= attn::kMaxSplits, "halodiff: splits must be in [0, ", attn::kMaxSplits,
+                    "] (0 = auto), got ", splits);
+  return segmented_attention_impl(q, ks, vs, scale, static_cast<int>(version), static_cast<int>(block_m),
+                                  static_cast<int>(splits));
+}
+
 }  // namespace
 }  // namespace halodiff
 
-TORCH_LIBRARY_IMPL(halodiff, CUDA, m) { m.impl("segmented_attention", &halodiff::segmented_attention_cuda); }
+// A CUDA-only schema beside the shared ones of ops.cpp: `_segmented_attention_cuda` runs a chosen kernel
+// variant (tests, benchmarks, the audit); halodiff::segmented_attention runs the one selected above.
+TORCH_LIBRARY_FRAGMENT(halodiff, m) {
+  m.def("_segmented_attention_cuda(Tensor q, Tensor[] ks, Tensor[] vs, float? scale, int version, int block_m, "
+        "int splits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(halodiff, CUDA, m) {
+  m.impl("segmented_attention", &halodiff::segmented_attention_cuda);
+  m.impl("_segmented_attention_cuda", &halodiff::segmented_attention_cuda_variant);
+}

@@ -393,9 +393,5 @@ at::Tensor segmented_attention_cpu(const at::Tensor& q_in, at::TensorList ks, at
 }  // namespace
 }  // namespace halodiff
 
-// ops.cpp owns TORCH_LIBRARY(halodiff, m); this file adds its op to the same namespace.
-TORCH_LIBRARY_FRAGMENT(halodiff, m) {
-  m.def("segmented_attention(Tensor q, Tensor[] ks, Tensor[] vs, float? scale) -> Tensor");
-}
-
+// The schema is declared with every other op in ops.cpp's TORCH_LIBRARY(halodiff, m).
 TORCH_LIBRARY_IMPL(halodiff, CPU, m) { m.impl("segmented_attention", &halodiff::segmented_attention_cpu); }

@@ -199,7 +199,7 @@ def expected_sync_bytes(unet, lat: torch.Tensor, cond: torch.Tensor, world: int)
             exp["conv_halo"][j] += rows * B * C * W * esize
     for ishape, G in gns:
         for j in range(world):
-            exp["groupnorm"][j] += ishape[0] * G * 2 * 4 * (world - 1)  # float32 sums from every other rank
+            exp["groupnorm"][j] += ishape[0] * G * 2 * 8 * (world - 1)  # float64 sums from every other rank
     for B, L, C in attns:
         H, W = grids[L]
         for j in range(world):

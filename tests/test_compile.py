@@ -27,6 +27,11 @@ def test_opcheck_native(device):
     torch.library.opcheck(torch.ops.halodiff.group_stats.default, (x, 3))
     torch.library.opcheck(torch.ops.halodiff.group_norm.default, (x, 3, w, b, 1e-5, True, None, 0.0))
     torch.library.opcheck(torch.ops.halodiff.group_norm.default, (x, 3, None, None, 1e-5, False, stats, count))
+    stale = (stats * 2, stats, 2 * count)
+    torch.library.opcheck(torch.ops.halodiff.group_norm_stale.default, (x, 3, w, b.half(), 1e-5, True, *stale))
+    xcl = x.contiguous(memory_format=torch.channels_last)  # fake kernels must give the same (channels_last) strides
+    torch.library.opcheck(torch.ops.halodiff.group_norm.default, (xcl, 3, w, b, 1e-5, True, None, 0.0))
+    torch.library.opcheck(torch.ops.halodiff.group_norm_stale.default, (xcl, 3, None, None, 1e-5, False, *stale))
     ts = [x, torch.randn(1, 3, 4, 9, device=device)]
     torch.library.opcheck(torch.ops.halodiff.halo_pack.default, (ts, [1, 2], [2, 0]))
     out = torch.empty(ops.halo_pack(ts, [1, 2], [2, 0]).numel(), device=device)
@@ -49,6 +54,10 @@ def test_opcheck_triton():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.halodiff_triton.group_norm.default, (x, 3, w, b, 1e-5, True, None, 0.0),
                           test_utils=("test_schema", "test_faketensor"))
+    s = ops.reference.group_stats(x, 3)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.halodiff_triton.group_norm_stale.default,
+                          (xcl, 3, w, b, 1e-5, True, s * 2, s, 280.0), test_utils=("test_schema", "test_faketensor"))
     q = torch.randn(1, 5, 2, 40, device=dev).transpose(1, 2)
     ks = [torch.randn(1, 2, n, 40, device=dev) for n in (4, 0, 6)]
     torch.library.opcheck(torch.ops.halodiff_triton.segmented_attention.default, (q, ks, ks, 0.15),
@@ -64,11 +73,15 @@ def test_torch_compile_fullgraph(device):
     def f(x, w, b):
         s = ops.group_stats(x, 4)
         y = ops.group_norm(x, 4, w, b, 1e-5, silu=True, stats=s, count=float(x[0, :2].numel()))
-        return ops.halo_pack([y], 1, 1) * 2
+        y2, local = ops.group_norm_stale(x, 4, w, b, 1e-5, silu=True, stale_global=s, stale_local=s,
+                                         count=float(x[0, :2].numel()))
+        return ops.halo_pack([y], 1, 1) * 2, y2, local
 
     x = torch.randn(2, 8, 6, 5, device=device)
     w, b = torch.randn(8, device=device), torch.randn(8, device=device)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
     want = F.silu(F.group_norm(x, 4, w, b))
-    torch.testing.assert_close(compiled(x, w, b), ops.halo_pack([want], 1, 1) * 2, rtol=1e-5, atol=1e-5)
+    packed, y2, _ = compiled(x, w, b)
+    torch.testing.assert_close(packed, ops.halo_pack([want], 1, 1) * 2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y2, want, rtol=1e-5, atol=1e-5)  # fresh sums: the stale op equals GroupNorm

@@ -1,10 +1,22 @@
 """Bad input raises ValueError/TypeError naming the argument and the fix — never a raw index error."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from halodiff import BackendUnavailableError, ops
+
+
+def _sums(B: int, G: int) -> torch.Tensor:
+    return torch.zeros(B, G, 2, dtype=torch.float64)
+
+
+def _stale(**kw):
+    args = dict(x=torch.randn(2, 8, 4, 4), weight=None, stale_global=_sums(2, 2), stale_local=_sums(2, 2), count=64.0)
+    args.update(kw)
+    return ops.group_norm_stale(args.pop("x"), 2, args.pop("weight"), None, 1e-5, **args)
 
 
 @pytest.mark.parametrize(
@@ -18,10 +30,19 @@ from halodiff import BackendUnavailableError, ops
         (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, torch.randn(4)), ValueError, "weight must have shape"),
         (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, None, torch.randn(8, 1)), ValueError, "bias"),
         (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, stats=torch.zeros(2, 3, 2), count=4), ValueError, "stats"),
-        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, stats=torch.zeros(2, 2, 2)), ValueError, "count"),
-        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, stats=torch.zeros(2, 2, 2, dtype=torch.float64), count=4),
-         TypeError, "float32"),
+        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, stats=_sums(2, 2)), ValueError, "count"),
+        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, stats=_sums(2, 2), count=0), ValueError, "count"),
+        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, stats=torch.zeros(2, 2, 2), count=4),
+         TypeError, "stats must be float64"),
         (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, count=4), ValueError, "count is only used"),
+        (lambda: ops.group_norm(torch.randn(2, 8, 4, 4), 2, eps=-1.0), ValueError, "eps must be"),
+        (lambda: _stale(stale_global=_sums(2, 3)), ValueError, r"stale_global must have shape \[B, G, 2\]"),
+        (lambda: _stale(stale_local=torch.zeros(2, 2, 2)), TypeError, "stale_local must be float64"),
+        (lambda: _stale(stale_local=[0.0]), TypeError, "stale_local must be a torch.Tensor"),
+        (lambda: _stale(count=0.0), ValueError, "count"),
+        (lambda: _stale(count=float("nan")), ValueError, "count"),
+        (lambda: _stale(weight=torch.randn(3)), ValueError, "weight must have shape"),
+        (lambda: _stale(x=torch.randn(2, 8, 4)), ValueError, "4-D"),
         (lambda: ops.halo_pack([], 1, 1), ValueError, "non-empty"),
         (lambda: ops.halo_pack(torch.randn(2, 3, 4, 4), 1, 1), TypeError, "list of tensors"),
         (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4)], 3, 2), ValueError, "top \\+ bottom must be <= rows"),
@@ -51,9 +72,15 @@ def test_native_op_checks_raise_value_errors():
 
 
 def test_forced_backend_that_cannot_run_raises(monkeypatch):
-    with pytest.raises(BackendUnavailableError, match="cuda.*cannot run group_norm"):
-        with ops.use_backend("cuda" if not torch.cuda.is_available() else "cpu"):
-            ops.group_norm(torch.randn(1, 4, 2, 2, device="cpu" if not torch.cuda.is_available() else "cuda"), 2)
+    """Forcing a backend that cannot run the inputs names it and the reason this environment really has:
+    without a GPU, cuda (no device / no CUDA build); with one, cpu on CUDA tensors."""
+    forced, dev = ("cuda", "cpu") if not torch.cuda.is_available() else ("cpu", "cuda")
+    reasons = ops.registry.backend_reasons(forced) or ops.registry.device_reasons(forced, torch.device(dev), True)
+    assert reasons
+    want = re.escape(f"halodiff backend {forced!r} cannot run group_norm here: {'; '.join(reasons)}.")
+    with pytest.raises(BackendUnavailableError, match=want):
+        with ops.use_backend(forced):
+            ops.group_norm(torch.randn(1, 4, 2, 2, device=dev), 2)
     monkeypatch.setenv("HALODIFF_BACKEND", "nonsense")
     with pytest.raises(BackendUnavailableError, match="unknown halodiff backend"):
         ops.group_stats(torch.randn(1, 4, 2, 2), 2)

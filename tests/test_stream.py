@@ -21,14 +21,6 @@ COND, UNCOND = prompt_embeds()
 COND2, _ = prompt_embeds(seed=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -148,6 +140,8 @@ def test_sequential_mode_is_deterministic_and_package_never_updates_stock_noise(
     x = latents(1)[0]
     assert torch.equal(seq[0].predict_x0(x), seq[1].predict_x0(x))
     # the package never updates the stock noise in sequential mode: "self" there is eps = 1.5 * eps_cond
+    with pytest.raises(NameError):  # the package cannot prepare full CFG in sequential mode
+        package_stream(pipe, [10, 25], "full", use_denoising_batch=False)
     pkg = package_stream(pipe, [10, 25], "self", use_denoising_batch=False)
     with torch.no_grad():
         assert pkg.stock_noise.abs().max() == 0
@@ -262,6 +256,28 @@ def test_v_prediction_is_converted_to_epsilon():
         v = p.unet(x, s.timesteps, encoder_hidden_states=COND).sample
     eps = s.alpha * v + s.beta * x
     assert rel(stream.predict_x0(x), s.c_out * ((x - s.beta * eps) / s.alpha) + s.c_skip * x) <= REL
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_x0_equals_lcm_scheduler_step_denoised(clip):
+    """One slot, no guidance: the stream's x0 is diffusers' LCMScheduler.step(...).denoised, incl. clip_sample
+    (the package ignores clip_sample; the digits model's scheduler sets it)."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    p = tiny_sd_pipeline()
+    p.scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=clip, clip_sample_range=0.5)
+    stream = make_stream(p, [30], cfg_type="none")
+    x = latents(1)[0] * 3
+    t = stream.schedule.timesteps
+    with torch.no_grad():
+        eps = p.unet(x, t, encoder_hidden_states=COND).sample
+    lcm = LCMScheduler.from_config(p.scheduler.config)
+    lcm.set_timesteps(50)
+    want = lcm.step(eps, t[0], x).denoised
+    assert rel(stream.predict_x0(x), want) <= REL
+    s = stream.schedule
+    unclipped = s.c_out * ((x - s.beta * eps) / s.alpha) + s.c_skip * x
+    assert (rel(unclipped, want) > 1e-2) == clip
 
 
 # ------------------------------------------------------------------------------------------ pipelines

@@ -81,7 +81,6 @@ def _patched_stream(pipe) -> object:
 def two_ranks():
     """One spawn of 2 gloo ranks for every check (process group timeout 60 s), and the single-rank references."""
     results = run_ranks(_ranks_worker, 2, timeout_s=60)
-    torch.set_num_threads(1)
     return results, _single_rank_outputs(tiny_sd_pipeline())
 
 
@@ -121,7 +120,6 @@ def test_fewer_slots_than_ranks_and_sequential_mode_fail_clearly(two_ranks):
 def test_patch_with_slots_on_the_same_ranks_works_or_names_the_combination(two_ranks):
     """Without the guard in StreamDiffusion.prepare the outputs were silently wrong (rel error 0.3-1.2)."""
     results, _ = two_ranks
-    torch.set_num_threads(1)
     stream = make_stream(tiny_sd_pipeline(), [20, 35], size=128)
     ref = [stream.predict_x0(x) for x in latents(3, shape=(4, 16, 16))]
     for res in results:
@@ -162,7 +160,6 @@ def test_dead_peer_raises_comm_timeout_error(two_ranks):
 def test_deepcache_in_a_stream_names_the_combination():
     """A stream batch holds every slot at another timestep: DeepCache has no step schedule to follow there, so
     the runtime's clock reports a per-sample step and DeepCache refuses it clearly (never a silent full run)."""
-    torch.set_num_threads(1)
     cached = tiny_sd_pipeline()
     halodiff.enable_deepcache(cached, interval=3)
     stream = make_stream(cached, [10, 25, 40])

@@ -2,9 +2,11 @@
 
 Each op is a `torch.library.triton_op` (namespace `halodiff_triton`) so it stays a single node under
 torch.compile. On CPU tensors the kernels run only under TRITON_INTERPRET=1 (set before importing triton).
+Every kernel module exposes `audit_configs()`: the (kernel, signature, constexprs, launch options) it
+launches at the SD/SDXL configurations, for the ahead-of-time compile audit (bench/kernel_audit.py).
 """
-from .group_norm import group_norm, group_stats
+from .group_norm import group_norm, group_norm_stale, group_stats
 from .halo_pack import halo_pack
 from .segmented_attention import segmented_attention
 
-__all__ = ["group_norm", "group_stats", "halo_pack", "segmented_attention"]
+__all__ = ["group_norm", "group_norm_stale", "group_stats", "halo_pack", "segmented_attention"]

@@ -4,6 +4,8 @@
     halodiff demo [--out DIR] [--ranks N] [--steps S]
     halodiff bench e2e --model sd15|sdxl|digits --resolution R --steps S --ranks N --modes sync,distrifusion,...
     halodiff bench kernels [--out DIR]
+    halodiff bench audit [--out DIR] [--arch 80,90] [--only cuda|triton] [--kernels REGEX]
+    halodiff stream [--input DIR|GIF] [--out DIR] [--digits 3,8] [--frames N] [--ranks N]
 """
 from __future__ import annotations
 
@@ -43,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--steps", type=int, default=20)
     p_demo.add_argument("--per-class", type=int, default=3, help="images per digit")
 
+    p_stream = sub.add_parser("stream", help="StreamDiffusion: redraw a stream of real handwritten digits with the "
+                              "digits model; write GIF, report and plot")
+    p_stream.add_argument("--input", type=Path, help="a GIF or a folder of images (default: sklearn's digits)")
+    p_stream.add_argument("--out", type=Path, default=Path("demo_out/stream"))
+    p_stream.add_argument("--digits", default="3,8", help="prompted digit(s); the prompt switches in equal segments")
+    p_stream.add_argument("--frames", type=int, default=48, help="frames of sklearn digits (without --input)")
+    p_stream.add_argument("--hold", type=int, default=4, help="frames each sklearn digit is held")
+    p_stream.add_argument("--ranks", type=int, default=2, help="ranks of the multi-rank method (1: none)")
+
     p_bench = sub.add_parser("bench", help="benchmarks")
     bsub = p_bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     e2e = bsub.add_parser("e2e", help="end-to-end patch-parallel benchmark on CPU gloo ranks")
@@ -57,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--json", type=Path)
     kern = bsub.add_parser("kernels", help="kernel microbenchmarks (pytest-benchmark)")
     kern.add_argument("--out", type=Path, default=Path("bench_out"))
+    audit = bsub.add_parser("audit", help="static SASS audit of the CUDA and Triton kernels for sm_80/sm_90 (no GPU)")
+    audit.add_argument("--out", type=Path, default=Path("bench_out/audit"))
+    audit.add_argument("--arch", default="80,90", help="comma-separated SM versions")
+    audit.add_argument("--only", choices=("cuda", "triton"))
+    audit.add_argument("--kernels", help="regex on kernel names")
     return parser
 
 
@@ -118,6 +134,38 @@ def _bench_kernels(args) -> int:
     return rc
 
 
+def _bench_audit(args) -> int:
+    path = Path(__file__).resolve().parents[2] / "bench" / "kernel_audit.py"
+    if not path.exists():
+        return _fail(f"kernel audit not found at {path} (run from a source checkout of halodiff)")
+    mod = sys.modules.get("kernel_audit")
+    if mod is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("kernel_audit", path)
+        mod = sys.modules["kernel_audit"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    argv = ["--out", str(args.out), "--arch", args.arch]
+    argv += ["--only", args.only] if args.only else []
+    argv += ["--kernels", args.kernels] if args.kernels else []
+    return mod.main(argv)
+
+
+def _stream(args) -> int:
+    digits = [d.strip() for d in args.digits.split(",") if d.strip()]
+    if not digits or any(not d.isdigit() or int(d) > 9 for d in digits):
+        return _fail(f"--digits must be digits 0-9 separated by commas, got {args.digits!r}")
+    if args.frames < 1 or args.hold < 1:
+        return _fail(f"--frames and --hold must be >= 1, got {args.frames} and {args.hold}")
+    from .stream.demo import T_INDEX_LIST, run_stream_demo
+
+    if not 1 <= args.ranks <= len(T_INDEX_LIST):
+        return _fail(f"--ranks must be 1..{len(T_INDEX_LIST)} (one denoising slot per rank at least), got {args.ranks}")
+    if args.input is not None and not args.input.exists():
+        return _fail(f"--input {args.input} does not exist")
+    return run_stream_demo(args.out, args.frames, tuple(int(d) for d in digits), args.input, args.hold, args.ranks)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
@@ -137,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(args.out, ranks=args.ranks, steps=args.steps, per_class=args.per_class)
+    if args.command == "stream":
+        return _stream(args)
     if args.command == "bench":
-        return _bench_e2e(args) if args.bench == "e2e" else _bench_kernels(args)
+        return {"e2e": _bench_e2e, "kernels": _bench_kernels, "audit": _bench_audit}[args.bench](args)
     return 2  # pragma: no cover - argparse enforces the choices
 
 

@@ -99,9 +99,6 @@ class SlotComm:
     def next(self) -> int | None:
         return self.ranks[self.slots.index + 1] if not self.slots.last else None
 
-    def reset_stats(self) -> None:
-        self.stats = CommStats(bytes_by_kind=dict.fromkeys(SLOT_KINDS, 0))
-
     @contextmanager
     def _failures(self, what: str):
         """A failed post or wait (gloo: peer gone, or the process group's timeout passed) -> CommTimeoutError."""

@@ -1,7 +1,8 @@
 """halodiff ops: one function per op, dispatching to the CUDA, Triton, native CPU or reference backend.
 
-    group_stats(x, num_groups)                     -> [B, G, 2] float32 (Σx, Σx²)
+    group_stats(x, num_groups)                     -> [B, G, 2] float64 (Σx, Σx²), additive over bands
     group_norm(x, num_groups, weight, bias, eps, *, silu, stats, count)
+    group_norm_stale(x, num_groups, weight, bias, eps, *, silu, stale_global, stale_local, count) -> (y, local)
     halo_pack(tensors, top, bottom, *, out=None)   -> flat buffer [tops..., bottoms...]
     halo_unpack(buffer, like, top, bottom)         -> [(top_view, bottom_view), ...]
     segmented_attention(q, ks, vs, scale=None)     -> softmax(q·Kᵀ·scale)·V over concatenated segments
@@ -22,6 +23,7 @@ from .registry import BACKEND_ORDER, OPS, register, report, use_backend
 __all__ = [
     "BACKEND_ORDER",
     "group_norm",
+    "group_norm_stale",
     "group_stats",
     "halo_pack",
     "halo_unpack",
@@ -37,7 +39,15 @@ __all__ = [
 
 
 def group_stats(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Per-(batch, group) Σx and Σx² of x[B, C, H, W] as [B, G, 2] (float32; float64 for float64 x)."""
+    """Per-(batch, group) Σx and Σx² of x[B, C, H, W] (any memory format) as float64 [B, G, 2].
+
+    Precision and additivity: every kernel sums blocks of ≤ a few thousand elements in float32 (float64
+    for float64 x) *shifted* by the block's first element, then converts each block to unshifted
+    float64 sums (Σx = s₁ + nK, Σx² = s₂ + 2K·s₁ + nK²) and adds the blocks in float64. The result is
+    a plain float64 (Σx, Σx²) pair, so sums of row bands (e.g. all-reduced over ranks) equal the
+    image's sums, and var = Σx²/n − mean² keeps ≤ 1e-5 relative error up to mean/std ≈ 1000
+    (float64 loses log10((mean/std)²) of its 16 digits; the float32 block sums are of x − K ≈ std).
+    """
     x, num_groups = _v.group_input(x, num_groups)
     return OPS["group_stats"](x.device, x, num_groups)
 
@@ -55,17 +65,48 @@ def group_norm(
 ) -> torch.Tensor:
     """GroupNorm with torch's biased variance, optional fused SiLU and optional external stats.
 
-    `stats`: a `group_stats` result (e.g. summed over ranks) and `count`: the number of elements per
-    group it covers. With `stats=None` the result equals `F.group_norm` (then `F.silu` if `silu`).
+    `stats`: float64 [B, G, 2] sums as `group_stats` returns (e.g. summed over ranks) and `count`: the
+    number of elements per group they cover. With `stats=None` the result equals `F.group_norm` (then
+    `F.silu` if `silu`). weight/bias are read in their own dtype. The result has x's dtype; it is
+    channels_last when x is (read in place), contiguous otherwise.
     """
     x, num_groups = _v.group_input(x, num_groups)
     _v.affine(weight, x, "weight")
     _v.affine(bias, x, "bias")
-    _v.stats(stats, count, x, num_groups)
-    if float(eps) < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    return OPS["group_norm"](x.device, x, num_groups, weight, bias, float(eps), bool(silu), stats,
-                             None if count is None else float(count))
+    count = _v.stats(stats, count, x, num_groups)
+    return OPS["group_norm"](x.device, x, num_groups, weight, bias, _v.eps(eps), bool(silu), stats, count)
+
+
+def group_norm_stale(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    *,
+    silu: bool = False,
+    stale_global: torch.Tensor,
+    stale_local: torch.Tensor,
+    count: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DistriFusion's asynchronous GroupNorm of one band in one fused op: returns (y, local).
+
+    `local` = group_stats(x) (float64 [B, G, 2], to be all-reduced for the next step). The statistics
+    used are the corrected stale estimate est = stale_global − stale_local + local (the band's stale
+    contribution replaced by its fresh one; `stale_global`: last step's all-reduced sums, `stale_local`:
+    last step's sums of this band, both float64 [B, G, 2]) over `count` elements per group:
+    mean = est₁/count, var = est₂/count − mean², and where var < 0 the band's own variance
+    (local over its C/G·h·w elements) with that mean. y = (x − mean)·rsqrt(var + eps)·w + b, then SiLU
+    if `silu`; x's dtype, channels_last when x is. CUDA: ≤ 3 launches (stats partials, their reduction
+    into `local`, the apply pass); Triton: 3; native CPU: one pass over x for the sums, one for y.
+    """
+    x, num_groups = _v.group_input(x, num_groups)
+    _v.affine(weight, x, "weight")
+    _v.affine(bias, x, "bias")
+    _v.sums(stale_global, "stale_global", x, num_groups)
+    _v.sums(stale_local, "stale_local", x, num_groups)
+    return OPS["group_norm_stale"](x.device, x, num_groups, weight, bias, _v.eps(eps), bool(silu), stale_global,
+                                   stale_local, _v.count(count, "stale_global"))
 
 
 def halo_pack(
@@ -216,6 +257,11 @@ def _native_group_norm(x, num_groups, weight, bias, eps, silu, stats, count):
     return torch.ops.halodiff.group_norm(x, num_groups, weight, bias, eps, silu, stats, count or 0.0)
 
 
+def _native_group_norm_stale(x, num_groups, weight, bias, eps, silu, stale_global, stale_local, count):
+    return torch.ops.halodiff.group_norm_stale(x, num_groups, weight, bias, eps, silu, stale_global, stale_local,
+                                               count)
+
+
 def _packable(t: torch.Tensor) -> torch.Tensor:
     """Native pack needs a dense last dim and leading dims that flatten to one stride."""
     if t.is_contiguous() or t.dim() == 2 and (t.shape[-1] <= 1 or t.stride(-1) == 1):
@@ -258,12 +304,13 @@ def _triton(name: str):
 for _backend in ("cuda", "cpu"):
     register("group_stats", _backend)(_native_group_stats)
     register("group_norm", _backend)(_native_group_norm)
+    register("group_norm_stale", _backend)(_native_group_norm_stale)
     register("halo_pack", _backend)(_native_halo_pack)
-register("group_stats", "triton")(_triton("group_stats"))
-register("group_norm", "triton")(_triton("group_norm"))
-register("halo_pack", "triton")(_triton("halo_pack"))
+for _name in ("group_stats", "group_norm", "group_norm_stale", "halo_pack"):
+    register(_name, "triton")(_triton(_name))
 register("group_stats", "reference")(reference.group_stats)
 register("group_norm", "reference")(reference.group_norm)
+register("group_norm_stale", "reference")(reference.group_norm_stale)
 register("halo_pack", "reference")(_reference_halo_pack)
 
 

@@ -5,17 +5,22 @@ import functools
 
 import torch
 
+from .reference import out_format
+
 
 @functools.cache
 def register_fakes() -> None:
     @torch.library.register_fake("halodiff::group_stats")
     def _group_stats(x, num_groups):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return x.new_empty((x.shape[0], num_groups, 2), dtype=dtype)
+        return x.new_empty((x.shape[0], num_groups, 2), dtype=torch.float64)
 
     @torch.library.register_fake("halodiff::group_norm")
     def _group_norm(x, num_groups, weight, bias, eps, silu, stats, count):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return torch.empty_like(x, memory_format=out_format(x))
+
+    @torch.library.register_fake("halodiff::group_norm_stale")
+    def _group_norm_stale(x, num_groups, weight, bias, eps, silu, stale_global, stale_local, count):
+        return torch.empty_like(x, memory_format=out_format(x)), _group_stats(x, num_groups)
 
     @torch.library.register_fake("halodiff::halo_pack")
     def _halo_pack(tensors, top, bottom):

@@ -1,6 +1,7 @@
 """Argument checks shared by every backend: clear ValueError/TypeError naming the argument and the fix."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -39,23 +40,45 @@ def affine(p: torch.Tensor | None, x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be floating point, got {p.dtype}")
 
 
-def stats(s: torch.Tensor | None, count: float | None, x: torch.Tensor, num_groups: int) -> None:
-    if s is None:
-        if count is not None:
-            raise ValueError("count is only used with stats=...; pass both or neither")
-        return
-    tensor(s, "stats")
+def sums(s: object, name: str, x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """A float64 [B, G, 2] tensor of per-group sums (what group_stats returns) on x's device."""
+    s = tensor(s, name)
     if s.shape != (x.shape[0], num_groups, 2):
         raise ValueError(
-            f"stats must have shape [B, G, 2] = [{x.shape[0]}, {num_groups}, 2] (a group_stats result), "
+            f"{name} must have shape [B, G, 2] = [{x.shape[0]}, {num_groups}, 2] (a group_stats result), "
             f"got {tuple(s.shape)}"
         )
-    if not (s.dtype == torch.float32 or (s.dtype == torch.float64 and x.dtype == torch.float64)):
-        raise TypeError(f"stats must be float32 (float64 allowed for a float64 x), as group_stats returns; got {s.dtype}")
+    if s.dtype != torch.float64:
+        raise TypeError(f"{name} must be float64 (group_stats returns float64 sums); got {s.dtype}: "
+                        f"pass {name}.double()")
     if s.device != x.device:
-        raise ValueError(f"stats is on {s.device} but x is on {x.device}")
-    if count is None or not (float(count) > 0):
-        raise ValueError(f"count (elements per group that stats cover) must be > 0 when stats is given, got {count}")
+        raise ValueError(f"{name} is on {s.device} but x is on {x.device}; move it with .to(x.device)")
+    return s
+
+
+def count(value: object, what: str) -> float:
+    """The element count per group that the sums cover: a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < float(value) < float("inf")):
+        raise ValueError(f"count (elements per group that {what} cover) must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def stats(s: torch.Tensor | None, n: float | None, x: torch.Tensor, num_groups: int) -> float | None:
+    """Checks group_norm's (stats, count) pair; returns count as a float (None without stats)."""
+    if s is None:
+        if n is not None:
+            raise ValueError("count is only used with stats=...; pass both or neither")
+        return None
+    sums(s, "stats", x, num_groups)
+    if n is None:
+        raise ValueError("count (elements per group that stats cover) must be given with stats=...")
+    return count(n, "stats")
+
+
+def eps(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def rows(v: object, n: int, name: str) -> list[int]:

@@ -3,8 +3,8 @@ ranks (ALGORITHMS.md §4)."""
 from .config import CFG_TYPES, StreamConfig
 from .filter import SimilarImageFilter
 from .io import to_pil, to_tensor, to_uint8
-from .runner import run
+from .runner import UpdatePrompt, run
 from .stream import StreamDiffusion, StreamStats
 
-__all__ = ["CFG_TYPES", "SimilarImageFilter", "StreamConfig", "StreamDiffusion", "StreamStats", "run", "to_pil",
-           "to_tensor", "to_uint8"]
+__all__ = ["CFG_TYPES", "SimilarImageFilter", "StreamConfig", "StreamDiffusion", "StreamStats", "UpdatePrompt", "run",
+           "to_pil", "to_tensor", "to_uint8"]

@@ -34,7 +34,8 @@ class StreamConfig:
             raise ValueError(f"StreamDiffusion: t_index_list must be strictly increasing (slot 0 is the noisiest "
                              f"step); got {list(t)!r}, use {sorted(set(t))!r}")
         if self.cfg_type not in CFG_TYPES:
-            raise ValueError(f"StreamDiffusion: unknown cfg_type {self.cfg_type!r}; choose one of {', '.join(CFG_TYPES)}")
+            raise ValueError(f"StreamDiffusion: unknown cfg_type {self.cfg_type!r}; choose one of "
+                             f"{', '.join(CFG_TYPES)}")
         _positive_int("width", self.width)
         _positive_int("height", self.height)
         _positive_int("frame_buffer_size", self.frame_buffer_size)

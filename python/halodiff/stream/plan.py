@@ -26,7 +26,8 @@ class SlotSchedule:
 
     @classmethod
     def build(cls, scheduler, t_index_list: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> SlotSchedule:
-        sub = [scheduler.timesteps[i] for i in t_index_list]
+        timesteps = scheduler.timesteps.cpu()  # alphas_cumprod lives on the CPU
+        sub = [timesteps[i] for i in t_index_list]
         scalings = [scheduler.get_scalings_for_boundary_condition_discrete(t) for t in sub]
         abar = [scheduler.alphas_cumprod[t] for t in sub]
 

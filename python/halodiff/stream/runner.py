@@ -11,6 +11,10 @@ dropped and, at the end, the last latent is fed n-1 more times to flush the fram
 stream's state then holds those flush frames). Frames the similarity filter skips repeat the output of the last
 processed frame before them.
 
+A prompt change can travel in-band: an :class:`UpdatePrompt` item among the frames is applied on the UNet thread
+between the frames before and after it (``stream.update_prompt`` from another thread would race the UNet stage,
+which runs a few frames behind the input).
+
 With several ranks every rank runs ``run`` on the same frames; all communication happens on the UNet thread.
 """
 from __future__ import annotations
@@ -23,8 +27,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HalodiffError
+from .io import to_pil, to_uint8
+
+OUTPUT_TYPES = {"pt": lambda x: x, "pil": to_pil, "np": to_uint8}
 
 _POLL_S = 0.05
+
+
+class UpdatePrompt:
+    """An item of ``run``'s frames: ``stream.update_prompt(*args, **kwargs)`` before the next frame (no output)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
 
 
 class _Done:
@@ -83,26 +97,36 @@ def _stage(pipe: _Pipe, name: str, body: Callable[[], None], out: queue.Queue) -
     return threading.Thread(target=target, name=f"halodiff-stream-{name}", daemon=True)
 
 
-def run(stream, frames: Iterable[Any], *, queue_size: int = 2, align: bool = False) -> Iterator:
-    """Yield ``stream``'s output for each of ``frames`` (each what ``stream(frame)`` takes), stages on threads."""
+def run(stream, frames: Iterable[Any], *, queue_size: int = 2, align: bool = False,
+        output_type: str = "pt") -> Iterator:
+    """Yield ``stream``'s output for each of ``frames`` (each what ``stream(frame)`` takes), stages on threads.
+
+    output_type: "pt" (``[F, C, H, W]`` tensors in [0, 1], as ``stream(frame)``), "pil" (lists of PIL images) or "np"
+    (``[F, H, W, C]`` uint8 arrays); the conversion runs on the output thread.
+    """
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"halodiff.stream.run: queue_size must be an int >= 1; got {queue_size!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"halodiff.stream.run: output_type must be one of {', '.join(OUTPUT_TYPES)}; got "
+                         f"{output_type!r}")
     stream._require_prepared()
-    return _iterate(stream, frames, queue_size, align)
+    return _iterate(stream, frames, queue_size, align, OUTPUT_TYPES[output_type])
 
 
-def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool) -> Iterator:
+def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool, convert: Callable) -> Iterator:
     pipe = _Pipe(queue_size)
     q_in, q_x0, q_out = pipe.queues
 
     def read() -> None:
         for frame in frames:
-            pipe.put(q_in, stream.encode_frame(frame))
+            pipe.put(q_in, frame if isinstance(frame, UpdatePrompt) else stream.encode_frame(frame))
         pipe.put(q_in, _Done())
 
     def denoise() -> None:
         pending: deque[bool] = deque()  # align: frames waiting for their output (True = processed, False = skipped)
         last_latent = None
+        lag = stream.config.n if stream.config.use_denoising_batch else 1
+        calls = 0  # UNet steps of this run: the first lag-1 outputs come from before it (zero buffer or old frames)
 
         def emit_ready(x0) -> None:
             pending.popleft()
@@ -116,10 +140,14 @@ def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool) -> Ite
             if isinstance(item, (_Done, _Failure)):
                 while align and isinstance(item, _Done) and any(pending):  # flush the frames still inside the pipeline
                     x0 = stream.predict_x0(last_latent)
-                    if stream.ready:
+                    calls += 1
+                    if calls >= lag:
                         emit_ready(x0)
                 pipe.put(q_x0, item)
                 return
+            if isinstance(item, UpdatePrompt):
+                stream.update_prompt(*item.args, **item.kwargs)
+                continue
             x0 = stream.denoise_frame(item)
             if not align:
                 pipe.put(q_x0, x0)
@@ -131,7 +159,8 @@ def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool) -> Ite
             else:
                 last_latent = item.latent
                 pending.append(True)
-                if stream.ready:
+                calls += 1
+                if calls >= lag:
                     emit_ready(x0)
 
     def write() -> None:
@@ -140,7 +169,7 @@ def _iterate(stream, frames: Iterable[Any], queue_size: int, align: bool) -> Ite
             if isinstance(item, (_Done, _Failure)):
                 pipe.put(q_out, item)
                 return
-            pipe.put(q_out, stream.decode_frame(item))
+            pipe.put(q_out, convert(stream.decode_frame(item)))
 
     threads = [_stage(pipe, "input", read, q_in), _stage(pipe, "unet", denoise, q_x0),
                _stage(pipe, "output", write, q_out)]

@@ -15,6 +15,9 @@ Same numbers as the ``streamdiffusion`` 0.1.1 package (``predict_x0_batch``) for
 - with one slot, RCFG "self" uses the frame's own noise as uncond prediction (the package carried the previous
   frame's last-slot correction over, and zeros on the first frame);
 - full CFG in sequential mode works (the package raised a NameError);
+- the scheduler config's ``clip_sample`` clips the x0 prediction as ``LCMScheduler.step`` does (the package
+  ignores it; the digits model's scheduler sets it); latent channels come from the UNet config (the package
+  hard-codes 4);
 - the first n-1 outputs of batch mode come from the zero-initialised buffer: :attr:`StreamDiffusion.ready`
   tells, and ``halodiff.stream.run(..., align=True)`` drops them and flushes the pipeline at the end.
 """
@@ -102,9 +105,14 @@ class StreamDiffusion:
                              f"got {width}x{height}")
         self.latent_shape = (self.latent_channels, height // scale, width // scale)
         self.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-        if self.scheduler.config.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"StreamDiffusion: prediction_type {self.scheduler.config.prediction_type!r} is not "
-                             f"supported; supported: {', '.join(PREDICTION_TYPES)}")
+        sc = self.scheduler.config
+        if sc.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"StreamDiffusion: prediction_type {sc.prediction_type!r} is not supported; supported: "
+                             f"{', '.join(PREDICTION_TYPES)}")
+        if sc.thresholding:
+            raise ValueError("StreamDiffusion: the scheduler's dynamic thresholding is not supported; use a scheduler "
+                             "config with thresholding=False")
+        self._clip = float(sc.clip_sample_range) if sc.clip_sample else None  # as LCMScheduler.step
         n = self.config.n
         self.comm = SlotComm(group, n) if group_size(group) > 1 else None
         if self.comm is not None and not use_denoising_batch:
@@ -131,6 +139,7 @@ class StreamDiffusion:
         """Set the schedule, the slot noise (``randn((n·F, C, h, w))`` from ``Generator().manual_seed(seed)``, as
         the package) and the prompt; reset the stream (buffer, stock noise, filter, counters)."""
         cfg = self.config
+        self._prepared = False  # until this prepare completes
         cfg.check_steps(num_inference_steps)
         self.guidance = Guidance(cfg.cfg_type, 1.0 if cfg.cfg_type == "none" else guidance_scale, delta)
         if self.comm is not None:
@@ -142,7 +151,10 @@ class StreamDiffusion:
         F = cfg.frame_buffer_size
         self.init_noise = torch.randn((cfg.n * F, *self.latent_shape), generator=self._generator).to(
             device=self.device, dtype=self.dtype)
-        ranges = [(self.slots.start, self.slots.stop)] if cfg.use_denoising_batch else [(i, i + 1) for i in range(cfg.n)]
+        if cfg.use_denoising_batch:  # one plan over this rank's slots, else one per slot
+            ranges = [(self.slots.start, self.slots.stop)]
+        else:
+            ranges = [(i, i + 1) for i in range(cfg.n)]
         self._plans = [SlotPlan.build(self.schedule, a, b, F, self.guidance.uncond_rows, self.init_noise)
                        for a, b in ranges]
         self._set_prompt(conditioning.Prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -244,7 +256,10 @@ class StreamDiffusion:
         if g.residual:
             eps_u = stock * g.delta
         e = eps_u + g.scale * (eps_c - eps_u) if g.active else eps_c
-        x0 = plan.c_out * ((x - plan.beta * e) / plan.alpha) + plan.c_skip * x
+        f_theta = (x - plan.beta * e) / plan.alpha
+        if self._clip is not None:
+            f_theta = f_theta.clamp(-self._clip, self._clip)
+        x0 = plan.c_out * f_theta + plan.c_skip * x
         k = plan.next_rows
         if not k:
             return x0, None, None
