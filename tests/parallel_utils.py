@@ -2,6 +2,7 @@
 and a launcher that runs a function on N spawned gloo ranks and collects each rank's result."""
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 
@@ -82,10 +83,24 @@ def denoise(unet, latents: torch.Tensor, cond: torch.Tensor, steps: int = 6, gui
     return x
 
 
+_POOLS: dict[int, launch.RankPool] = {}
+
+
 def run_ranks(fn: Callable, world: int, *args, timeout_s: float = 240.0, allow_errors: bool = False) -> list:
-    """Run fn(rank, world, *args) on `world` spawned gloo ranks (1 thread each); return their results."""
+    """Run fn(rank, world, *args) on `world` gloo ranks (1 thread each); return their results.
+
+    The ranks of each world size are spawned once per test session and reused (a failed job respawns them)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    return launch.run_ranks(fn, world, *args, timeout_s=timeout_s, allow_errors=allow_errors)
+    pool = _POOLS.get(world)
+    if pool is None or not pool.alive:
+        pool = _POOLS[world] = launch.RankPool(world, timeout_s=timeout_s)
+    return pool.run(fn, *args, timeout_s=timeout_s + 60, allow_errors=allow_errors)
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.close()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -135,11 +150,23 @@ def prompt_embeds(batch: int = 1, seed: int = 11) -> tuple[torch.Tensor, torch.T
     return torch.randn(batch, 8, CROSS_DIM, generator=g), torch.randn(batch, 8, CROSS_DIM, generator=g)
 
 
+def band_rows(height: int, deep_height: int, n: int, j: int) -> tuple[int, int]:
+    """Rows [s, e) of band j at a UNet level of global height `height`: ALGORITHMS.md §1, written here
+    independently of halodiff.parallel.geometry so that a geometry bug cannot cancel out in the tests.
+    The deepest level's rows are split into n bands whose sizes differ by at most one (larger ones last);
+    a level k halvings above it (smallest k with height <= 2^k * deep) scales the split by 2^k, clipped."""
+    q, extra = divmod(deep_height, n)
+    sizes = [q + (1 if i >= n - extra else 0) for i in range(n)]
+    starts = [sum(sizes[:i]) for i in range(n + 1)]
+    k = 0
+    while (deep_height << k) < height:
+        k += 1
+    return min(starts[j] << k, height), (height if j == n - 1 else min(starts[j + 1] << k, height))
+
+
 def expected_sync_bytes(unet, lat: torch.Tensor, cond: torch.Tensor, world: int) -> dict[str, list[int]]:
     """Bytes each of `world` ranks must receive in one sync step of `unet` on the CFG batch [lat, lat],
     derived independently of the engine from the layer shapes of an unpatched run."""
-    from halodiff.parallel.geometry import Bands
-
     convs, gns, attns = [], [], []
     hooks = []
     for name, m in unet.named_modules():
@@ -157,14 +184,15 @@ def expected_sync_bytes(unet, lat: torch.Tensor, cond: torch.Tensor, world: int)
         h.remove()
     esize = lat.element_size()
     grids = {s[-2] * s[-1]: (s[-2], s[-1]) for c in convs for s in (c[0], c[1])}
-    bands = Bands.split(min(h for h, _ in grids.values()), world)
+    deep = min(h for h, _ in grids.values())
+    heights = lambda H: [e - s for s, e in (band_rows(H, deep, world, j) for j in range(world))]  # noqa: E731
     exp = {k: [0] * world for k in ("conv_halo", "groupnorm", "attention", "output")}
     for ishape, oshape, conv in convs:
         if ishape[-2] == lat.shape[-2] and ishape[1] == lat.shape[1]:
             continue  # conv_in reads the replicated latent: no exchange
         B, C, H, W = ishape
         for j in range(world):
-            (i0, i1), (o0, o1) = bands.bounds(H)[j], bands.bounds(oshape[-2])[j]
+            (i0, i1), (o0, o1) = band_rows(H, deep, world, j), band_rows(oshape[-2], deep, world, j)
             a = o0 * conv.stride[0] - conv.padding[0]
             b = (o1 - 1) * conv.stride[0] - conv.padding[0] + conv.kernel_size[0]
             rows = (max(0, i0 - a) if j > 0 else 0) + (max(0, b - i1) if j < world - 1 else 0)
@@ -175,8 +203,8 @@ def expected_sync_bytes(unet, lat: torch.Tensor, cond: torch.Tensor, world: int)
     for B, L, C in attns:
         H, W = grids[L]
         for j in range(world):
-            exp["attention"][j] += (H - bands.heights(H)[j]) * W * B * 2 * C * esize
+            exp["attention"][j] += (H - heights(H)[j]) * W * B * 2 * C * esize
     H = lat.shape[-2]
     for j in range(world):
-        exp["output"][j] += (H - bands.heights(H)[j]) * lat.shape[-1] * 2 * lat.shape[1] * esize
+        exp["output"][j] += (H - heights(H)[j]) * lat.shape[-1] * 2 * lat.shape[1] * esize
     return exp

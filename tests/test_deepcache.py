@@ -159,7 +159,7 @@ def test_matches_deepcache_package_and_disable_restores():
         theirs = _pipe_run(pipe)
         helper.disable()
         assert psnr(ours, theirs) >= 60, f"branch {branch}: {psnr(ours, theirs):.1f} dB vs the DeepCache package"
-        assert psnr(ours, ref) < 200  # partial steps really reused stale features
+        assert ((ours - ref).abs().max() / ref.abs().max()).item() > 1e-4  # partial steps reused cached features
     assert {n: type(m) for n, m in pipe.unet.named_modules()} == classes
     assert type(pipe).__call__ is type(tiny_sd_pipeline()).__call__
 
@@ -337,9 +337,4 @@ def test_two_ranks_with_patch_parallel():
                 assert max(partial) < 0.25 * min(full), (mode, full, partial)
     for mode in ("distrifusion", "pcpp"):  # stale deep state across partial steps: close, not exact
         assert psnr(r0[mode], dc) >= 30, f"{mode} + deepcache: {psnr(r0[mode], dc):.1f} dB vs deepcache alone"
-    steps = dict(zip(r0["sync_kinds"], (kinds for _, kinds in r0["sync_steps"])))
-    ratio = max(b for k, (b, _) in zip(r0["sync_kinds"], r0["sync_steps"]) if k == "partial") / \
-        min(b for k, (b, _) in zip(r0["sync_kinds"], r0["sync_steps"]) if k == "full")
-    print(f"\ndeepcache + patch(sync), 2 ranks: max rel diff {rel:.1e} vs deepcache alone; partial/full bytes "
-          f"{ratio:.3f} (full {steps['full']}, partial {steps['partial']}); PSNR vs deepcache alone: distrifusion "
-          f"{psnr(r0['distrifusion'], dc):.1f} dB, pcpp {psnr(r0['pcpp'], dc):.1f} dB")
+        assert ((r0[mode] - dc).abs().max() / dc.abs().max()).item() > 1e-8, f"{mode}: no stale data was used"

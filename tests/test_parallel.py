@@ -17,6 +17,9 @@ from parallel_utils import (CROSS_DIM, denoise, expected_sync_bytes, prompt_embe
 
 STEPS = 6
 TOL = 1e-5
+# dB vs one device for distrifusion/pcpp after 2 warm-up steps of 6: the random-weight tiny UNets give 12.4-14.2 dB
+# (the trained digits model ~28 dB, README); tests/test_stale_oracle.py checks the stale steps exactly.
+PSNR_STALE = 11.0
 
 
 def _inputs(H: int, W: int | None = None, dtype=torch.float64):
@@ -50,7 +53,7 @@ def _modes_worker(rank, world, H, W, split):
     return out
 
 
-def _check_modes(results, what: str):
+def _check_modes(results, what: str, banded: bool = True):
     ref = results[0]["ref"]
     for r, res in enumerate(results):
         assert torch.equal(res["ref"], ref)
@@ -59,8 +62,13 @@ def _check_modes(results, what: str):
         for mode in ("sync", "distrifusion", "pcpp"):
             assert torch.equal(res[mode], results[0][mode]), f"{what}: rank {r} {mode} latents differ from rank 0"
         assert torch.equal(res["after_unpatch"], ref), "unpatch must restore bit-identical single-device output"
-    print(f"\n{what}: sync rel {_rel(results[0]['sync'], ref):.1e}; PSNR vs one device (random-weight UNet): "
-          f"distrifusion {psnr(results[0]['distrifusion'], ref):.1f} dB, pcpp {psnr(results[0]['pcpp'], ref):.1f} dB")
+    for mode in ("distrifusion", "pcpp"):  # after the warm-up the stale modes really use stale data ...
+        if not banded:  # 2 ranks with split_cfg: one CFG half per rank, no bands, nothing stale
+            assert _rel(results[0][mode], ref) <= TOL
+            continue
+        assert _rel(results[0][mode], results[0]["sync"]) > 1e-6, f"{what}: {mode} equals sync after the warm-up"
+        # ... and stay close to one device (random-weight UNet, 6 steps, 4 of them stale)
+        assert psnr(results[0][mode], ref) >= PSNR_STALE, f"{what}: {mode} {psnr(results[0][mode], ref):.1f} dB"
 
 
 @pytest.mark.parametrize("world, H, W", [(2, 32, 32), (3, 32, 24), (4, 32, 32)])
@@ -71,7 +79,7 @@ def test_modes_without_cfg_split(world, H, W):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_modes_with_cfg_split(world):
-    _check_modes(run_ranks(_modes_worker, world, 32, 32, True), f"N={world} split_cfg")
+    _check_modes(run_ranks(_modes_worker, world, 32, 32, True), f"N={world} split_cfg", banded=world > 2)
 
 
 def test_odd_resolution_and_stride_parity():

@@ -24,12 +24,27 @@ def test_simulated_rank_counts_the_bytes_of_a_real_rank():
 
 
 def test_simulated_async_steps_run_without_peers():
+    """After one warm-up step the simulated rank runs the stale path (halos read from the previous step's
+    buffers, this step's rows queued and flushed) with no peer at all, and the output keeps its shape."""
     unet = tiny_sd15_unet()
     lat, cond = torch.randn(2, 4, 32, 32), torch.randn(2, 8, CROSS_DIM)
     for mode in ("distrifusion", "pcpp"):
         halodiff.parallel.simulate(unet, ParallelConfig(mode=mode, warmup_steps=1), 4, 2)
+        comm = halodiff.parallel.context(unet).models["unet"].comm
+        calls = []
+        for name in ("exchange_rows", "stale_rows", "flush"):
+            inner = getattr(comm, name)
+            setattr(comm, name, lambda *a, inner=inner, name=name, **k: calls.append(name) or inner(*a, **k))
+        per_step = []
         with torch.no_grad():
             for t in (900, 800, 700):
-                unet(lat, t, encoder_hidden_states=cond)
-        assert halodiff.parallel.context(unet).models["unet"].step == 2
+                calls.clear()
+                out = unet(lat, t, encoder_hidden_states=cond).sample
+                per_step.append({n: calls.count(n) for n in ("exchange_rows", "stale_rows", "flush")})
+                assert out.shape == lat.shape
         halodiff.unpatch(unet)
+        n_convs = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1) - 1
+        assert per_step[0] == {"exchange_rows": n_convs, "stale_rows": 0, "flush": 0}, (mode, per_step[0])
+        stale_readers = n_convs + (16 if mode == "pcpp" else 0)  # pcpp attention reads stale K/V rows too
+        for step in per_step[1:]:
+            assert step == {"exchange_rows": 0, "stale_rows": stale_readers, "flush": 1}, (mode, step)

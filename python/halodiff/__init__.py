@@ -6,11 +6,12 @@ Patch parallelism (DistriFusion), partial conditioning (PCPP) and cached-feature
 from __future__ import annotations
 
 from . import ops
-from .cache import deepcache_schedule, disable_deepcache, enable_deepcache
-from .config import ParallelConfig
+from .cache import DeepCacheConfig, deepcache_schedule, disable_deepcache, enable_deepcache
 from .comm import CommStats
+from .config import ParallelConfig
 from .errors import BackendUnavailableError, CommTimeoutError, HalodiffError, PatchError
 from .parallel import comm_stats, patch, unpatch
+from .runtime import new_generation
 from .stream import StreamDiffusion
 
 __version__ = "0.1.0"
@@ -18,11 +19,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "CommStats",
+    "DeepCacheConfig",
     "ParallelConfig",
     "comm_stats",
     "deepcache_schedule",
     "disable_deepcache",
     "enable_deepcache",
+    "new_generation",
     "patch",
     "unpatch",
     "CommTimeoutError",

@@ -15,25 +15,24 @@ modules those are depends only on the step kind (a Python bool read by the wrapp
 torch.compile each kind is one static graph. With `halodiff.patch`, layers that do not run exchange
 nothing, and the engine keeps their last exchanged (stale) data for the next full step.
 
-Installed as instance `forward` overrides of the cached modules (and of up block b), forward hooks
-on the UNet and an instance wrapper of `scheduler.set_timesteps`; `disable_deepcache` removes
-exactly these.
+Installed through the runtime (`halodiff.runtime`): stack-safe `forward` overrides of the cached modules
+(and of up block b), and a subscription to the pipeline's denoising clock, which says which step each UNet
+call is; `disable_deepcache` removes exactly these.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import PatchError
+from ..errors import HalodiffError, PatchError
+from ..runtime import Denoiser, Installation, Step, Subscriber, attach, install, lookup, uninstall, unet_of, unwrap
 from .schedule import check_schedule_args, deepcache_schedule
-
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -116,81 +115,42 @@ def _on_meta(args: tuple, kwargs: dict) -> bool:
     return False
 
 
-def _timestep_value(t) -> float:
-    if isinstance(t, torch.Tensor):
-        return float(t.reshape(-1)[0]) if t.numel() else 0.0
-    return float(t)
-
-
 class DeepCacheRun:
     """Explicit step state of one enabled pipeline (no globals).
 
     `partial` / `recording` are the only fields the wrapped modules read: True during a partial /
     full step of the current UNet call, False otherwise. `kinds` lists "full"/"partial" for each UNet
-    call of the current pipeline call (for tests and benchmarks).
+    call of the current generation (for tests and benchmarks). Steps come from the runtime's clock.
     """
 
-    def __init__(self, config: DeepCacheConfig, plan: BranchPlan, owner, scheduler):
+    def __init__(self, config: DeepCacheConfig, plan: BranchPlan):
         self.config, self.plan = config, plan
-        self._owner = weakref.ref(owner) if owner is not None else None  # pipeline: its scheduler is read per call
-        self._scheduler = scheduler
         self.partial = False
         self.recording = False
         self.cache: dict[str, Any] = {}
         self.kinds: list[str] = []
-        self.active = True
-        self._new_call = True
-        self._ts: Any = None
-        self._index: dict[float, int] = {}
-        self._num: int | None = None
-        self._origin = 0
-        self._last_index: int | None = None
-        self._last_t: float | None = None
         self._full: frozenset[int] | None = None
         self._valid: tuple | None = None  # input signature the cache was filled with
         self._sig: tuple | None = None
 
-    def scheduler(self):
-        if self._scheduler is not None:
-            return self._scheduler
-        owner = self._owner() if self._owner is not None else None
-        return getattr(owner, "scheduler", None)
+    def check_schedule(self, generation) -> None:
+        """At set_timesteps: raise a schedule error before the first step."""
+        if len(generation) and self.config.schedule == "quadratic":
+            self.config.full_steps(len(generation))
 
-    def new_call(self, timesteps=None) -> None:
-        """A pipeline call starts (scheduler.set_timesteps): the next UNet call starts a generation."""
-        self._new_call = True
-        if timesteps is not None and self.config.schedule == "quadratic":
-            self.config.full_steps(len(timesteps))  # raise a schedule error before the first step
-
-    def begin(self, sample: torch.Tensor, timestep) -> None:
-        """Before a UNet call: derive the step index, start a new generation if needed, pick the kind."""
-        t = _timestep_value(timestep)
-        sched = self.scheduler()
-        ts = getattr(sched, "timesteps", None) if sched is not None else None
-        new = self._new_call
-        idx = None
-        if ts is not None:
-            if ts is not self._ts:  # set_timesteps made a new list (also catches an unwrapped scheduler)
-                self._ts, new = ts, True
-                values = ts.tolist() if isinstance(ts, torch.Tensor) else list(ts)
-                self._index = {}
-                for i, v in enumerate(values):
-                    self._index.setdefault(float(v), i)
-                self._num = len(values)
-            idx = self._index.get(t)
-        else:
-            self._num = None
-            if self._last_t is not None and t > self._last_t:  # timesteps only go down within a generation
-                new = True
-        if idx is None:  # no scheduler, or a timestep it does not list: count calls
-            idx = 0 if new or self._last_index is None else self._last_index + 1
-        elif self._last_index is not None and idx < self._last_index:
-            new = True
-        if new:
-            self._start_generation(idx)
-        self._last_index, self._last_t = idx, t
-        step = idx - self._origin
-        full = step % self.config.interval == 0 if self._full is None else step in self._full
+    def before(self, d: Denoiser, step: Step, args: tuple, kwargs: dict) -> None:
+        """Before a UNet call: start a new generation if needed, pick the step kind."""
+        if not d.predicts:
+            return None
+        if step.per_sample:
+            raise HalodiffError(
+                "deepcache: this UNet call holds samples at different timesteps (a stream batch, e.g. "
+                "halodiff.StreamDiffusion), so there is no step schedule to cache along; call "
+                "halodiff.disable_deepcache(pipe) before streaming")
+        if step.new_generation:
+            self._start_generation(step)
+        sample = d.sample(args, kwargs)
+        full = step.index % self.config.interval == 0 if self._full is None else step.index in self._full
         sig = (tuple(sample.shape), sample.dtype, sample.device)
         if not full and self._valid != sig:  # nothing usable cached (e.g. the batch changed): run it all
             full = True
@@ -198,28 +158,29 @@ class DeepCacheRun:
         if full:
             self._valid, self._sig = None, sig
         self.kinds.append("full" if full else "partial")
+        return None
 
-    def _start_generation(self, idx: int) -> None:
-        self._new_call = False
-        self._origin = idx
+    def _start_generation(self, step: Step) -> None:
         self._valid = None
         self.kinds = []
         if self.config.schedule == "quadratic" and self.config.interval > 1:
-            if self._num is None:
-                raise ValueError("deepcache: schedule='quadratic' needs the step count: enable it on a pipeline "
-                                 "or pass scheduler=")
-            self._full = frozenset(self.config.full_steps(max(1, self._num - idx)))
+            if step.count is None:
+                raise ValueError("deepcache: schedule='quadratic' needs the step count: enable it on a pipeline, "
+                                 "pass scheduler=, or declare the loop with halodiff.new_generation(pipe, timesteps)")
+            self._full = frozenset(self.config.full_steps(max(1, step.count)))
         else:
             self._full = None
 
-    def end(self) -> None:
+    def after(self, d: Denoiser, step: Step, output: Any) -> None:
         """After a UNet call: a completed full step makes the cache usable."""
-        if self.recording:
-            self._valid = self._sig
-        self.partial = self.recording = False
+        if d.predicts:
+            if self.recording:
+                self._valid = self._sig
+            self.partial = self.recording = False
+        return None
 
     def deactivate(self) -> None:
-        self.active = self.partial = self.recording = False
+        self.partial = self.recording = False
         self.cache.clear()
 
 
@@ -258,129 +219,76 @@ def _lean_up_forward(run: DeepCacheRun, block: nn.Module, n_cached: int, inner: 
     return forward
 
 
-@dataclass
-class _Record:
-    run: DeepCacheRun
-    undo: list[Callable[[], None]] = field(default_factory=list)
+FEATURE = "deepcache"
 
 
-_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _unet_of(pipe) -> nn.Module:
-    unet = pipe if isinstance(pipe, nn.Module) else getattr(pipe, "unet", None)
-    if not isinstance(unet, nn.Module):
-        raise PatchError(f"deepcache: {type(pipe).__name__} has no .unet; pass a diffusers UNet pipeline or a "
-                         "UNet2DConditionModel")
-    return getattr(unet, "_orig_mod", unet)  # torch.compile'd UNet: patch the module it wraps
-
-
-def _override(obj, name: str, new, undo: list) -> None:
-    """Set an instance attribute; its undo restores the previous state only while `new` is still the
-    outermost one (otherwise whoever wrapped it keeps calling it, and it passes through)."""
-    previous = obj.__dict__.get(name, _MISSING)
-    setattr(obj, name, new)
-
-    def restore() -> None:
-        if obj.__dict__.get(name) is new:
-            if previous is _MISSING:
-                del obj.__dict__[name]
-            else:
-                setattr(obj, name, previous)
-
-    undo.append(restore)
-
-
-def _wrap_set_timesteps(run: DeepCacheRun, scheduler, undo: list) -> None:
-    inner = scheduler.set_timesteps
-
-    def set_timesteps(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        if run.active:
-            run.new_call(getattr(scheduler, "timesteps", None))
-        return out
-
-    _override(scheduler, "set_timesteps", set_timesteps, undo)
-
-
-def enable_deepcache(pipe, interval: int = 3, branch_id: int = 0, schedule: str = "uniform", center: int = 15,
-                     power: float = 1.4, *, scheduler=None) -> None:
+def enable_deepcache(pipe, config: DeepCacheConfig | None = None, *, scheduler=None, **kwargs) -> None:
     """Run only the shallow UNet path on the steps between full steps, reusing cached deep features.
 
     pipe: a diffusers pipeline with `.unet`, or a UNet2DConditionModel (then pass `scheduler=` to get
         the step index from its timesteps; without one, UNet calls are counted and a rising timestep
         starts a new generation; the quadratic schedule needs a scheduler).
-    interval: full step every `interval` steps (uniform) / as many full steps (quadratic); 1 = off.
-    branch_id: skip branch (0 = shallowest, fastest); valid range [0, 3 * len(down_blocks) - 1] on SD UNets.
-    schedule: "uniform" or "quadratic" (DeepCache's non-uniform schedule around `center`, `power`).
+    config: a `DeepCacheConfig`, or its fields as keyword arguments:
+        interval: full step every `interval` steps (uniform) / as many full steps (quadratic); 1 = off.
+        branch_id: skip branch (0 = shallowest, fastest); valid range [0, 3 * len(down_blocks) - 1] on SD UNets.
+        schedule: "uniform" or "quadratic" (DeepCache's non-uniform schedule around `center`, `power`).
     """
-    config = DeepCacheConfig(interval, branch_id, schedule, center, power)
-    unet = _unet_of(pipe)
+    config = _config(config, kwargs)
+    unet = unet_of(pipe, "deepcache")
     for obj, what in ((pipe, "this pipeline"), (unet, "its UNet")):
-        if obj in _RUNS:
+        if lookup(obj, FEATURE) is not None:
             raise PatchError(f"deepcache: already enabled on {what}; call halodiff.disable_deepcache first")
-    plan = branch_plan(unet, branch_id)
-    owner = None if isinstance(pipe, nn.Module) else pipe
-    run = DeepCacheRun(config, plan, owner, scheduler)
-    sched = run.scheduler()
-    if schedule == "quadratic" and interval > 1 and sched is None:
+    plan = branch_plan(unet, config.branch_id)
+    if config.schedule == "quadratic" and config.interval > 1 and scheduler is None and isinstance(pipe, nn.Module):
         raise ValueError("deepcache: schedule='quadratic' needs the step count: enable it on a pipeline or pass "
                          "scheduler=")
-    record = _Record(run)
-    modules = dict(unet.named_modules())
-    try:
+
+    def build(inst: Installation) -> DeepCacheRun:
+        run = DeepCacheRun(config, plan)
+        modules = dict(unet.named_modules())
         for key in plan.cached:
-            module = modules[key]
-            _override(module, "forward", _cached_forward(run, key, module.forward), record.undo)
+            inst.override(modules[key], "forward", lambda inner, key=key: _cached_forward(run, key, inner))
         if plan.lean is not None:
             block = modules[plan.lean[0]]
-            _override(block, "forward", _lean_up_forward(run, block, plan.lean[1], block.forward), record.undo)
+            inst.override(block, "forward", lambda inner: _lean_up_forward(run, block, plan.lean[1], inner))
+        rt, detach = attach(pipe, Subscriber(FEATURE, run.before, run.after), scheduler)
+        inst.on_remove(detach)
+        rt.clock.listeners.append(run.check_schedule)
+        inst.on_remove(lambda: rt.clock.listeners.remove(run.check_schedule))
+        inst.on_remove(run.deactivate)
+        return run
 
-        @torch.compiler.disable
-        def pre(module, args, kwargs):
-            sample = args[0] if args else kwargs.get("sample")
-            if run.active and isinstance(sample, torch.Tensor) and sample.device.type != "meta":
-                run.begin(sample, args[1] if len(args) > 1 else kwargs.get("timestep"))
-
-        @torch.compiler.disable
-        def post(module, args, kwargs, output):
-            sample = args[0] if args else kwargs.get("sample")
-            if isinstance(sample, torch.Tensor) and sample.device.type != "meta":
-                run.end()
-
-        record.undo.append(unet.register_forward_pre_hook(pre, with_kwargs=True).remove)
-        record.undo.append(unet.register_forward_hook(post, with_kwargs=True).remove)
-        if sched is not None and callable(getattr(sched, "set_timesteps", None)):
-            _wrap_set_timesteps(run, sched, record.undo)
-    except BaseException:
-        for undo in reversed(record.undo):
-            undo()
-        raise
-    _RUNS[unet] = record
-    if pipe is not unet:
-        _RUNS[pipe] = record
+    install(FEATURE, [pipe] if pipe is unet else [pipe, unet], build)
 
 
-def _record(pipe, detail: str = ""):
-    """The enable record of `pipe` (or of the module a torch.compile wrapper holds)."""
-    record = _RUNS.get(pipe)
-    if record is None and isinstance(pipe, nn.Module):
-        record = _RUNS.get(getattr(pipe, "_orig_mod", pipe))
-    if record is None:
-        raise PatchError(f"deepcache: not enabled on this pipeline{detail}")
-    return record
+def _config(config: DeepCacheConfig | None, kwargs: dict) -> DeepCacheConfig:
+    if config is not None and kwargs:
+        raise TypeError("enable_deepcache: pass a DeepCacheConfig or keyword arguments, not both")
+    if config is None:
+        fields = {f.name for f in dataclasses.fields(DeepCacheConfig)}
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise TypeError(f"enable_deepcache: unknown argument(s) {', '.join(unknown)}; "
+                            f"DeepCacheConfig fields are {', '.join(sorted(fields))}")
+        return DeepCacheConfig(**kwargs)
+    if not isinstance(config, DeepCacheConfig):
+        raise TypeError(f"enable_deepcache: config must be a halodiff.DeepCacheConfig, got {type(config).__name__}")
+    return config
+
+
+def _owner(pipe, detail: str = ""):
+    """`pipe`, or the module a torch.compile wrapper holds, whichever DeepCache is registered under."""
+    for owner in (pipe, unwrap(pipe)) if isinstance(pipe, nn.Module) else (pipe,):
+        if lookup(owner, FEATURE) is not None:
+            return owner
+    raise PatchError(f"deepcache: not enabled on this pipeline{detail}")
 
 
 def disable_deepcache(pipe) -> None:
     """Undo `enable_deepcache` exactly: original forwards, hooks removed, scheduler restored."""
-    record = _record(pipe, " (nothing to disable)")
-    record.run.deactivate()
-    for undo in reversed(record.undo):
-        undo()
-    for key in [k for k, v in list(_RUNS.items()) if v is record]:
-        del _RUNS[key]
+    uninstall(_owner(pipe, " (nothing to disable)"), FEATURE)
 
 
 def deepcache_context(pipe) -> DeepCacheRun:
     """The step state of a pipeline with DeepCache enabled (step kinds, plan); for tools and tests."""
-    return _record(pipe).run
+    return lookup(_owner(pipe), FEATURE)[1]

@@ -1,4 +1,7 @@
-"""All of halodiff's communication: process-group topology, the comm manager and its byte counter."""
-from .comm import KINDS, CommManager, CommStats, SimulatedComm, Topology
+"""All of halodiff's communication: patch-group topology, the comm manager, its byte counter, simulated links."""
+from .manager import CommManager
+from .simulated import SimulatedComm
+from .stats import KINDS, CommStats
+from .topology import Topology
 
 __all__ = ["KINDS", "CommManager", "CommStats", "SimulatedComm", "Topology"]

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CommTimeoutError
-from .comm import CommStats
+from .stats import CommStats
 
 SLOT_KINDS = ("latents", "output", "filter")
 _BOUNDARY = "slot boundary latents from/to a neighbour rank"

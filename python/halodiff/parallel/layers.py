@@ -1,6 +1,8 @@
-"""Patch-parallel versions of the layers that need other ranks' rows: k×k convs (halo rows) and
-GroupNorm (global sums). Installed as instance `forward` overrides, so the module tree, parameter
-names and state_dict stay untouched and `unpatch` only deletes the override."""
+"""Band versions of the layers that need other ranks' rows: k×k convs (halo rows) and GroupNorm (global sums).
+
+Each is a factory for `Installation.override(module, "forward", ...)` (stack-safe instance overrides: the
+module tree, parameter names and state_dict stay untouched). Where the boundary data comes from (fresh or
+stale) is the mode's exchange strategy (`ctx.exchange`: exchange.py, distrifusion.py, pcpp.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,9 +10,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import ops
 from ..errors import PatchError
-from .context import LayerInfo, ParallelContext, StepInfo
+from .state import LayerInfo, ParallelContext, StepInfo
 from .geometry import conv_rows
 
 
@@ -43,6 +44,7 @@ def _halo_plan(step: StepInfo, info: LayerInfo, conv: torch.nn.Conv2d, j: int) -
 
 
 def halo_conv_forward(ctx: ParallelContext, key: str, conv: torch.nn.Conv2d, original: Callable) -> Callable:
+    """forward(x) of a k x k conv over a band: its input extended by the neighbours' halo rows."""
     pad_w = conv.padding[1]
     plans: dict[tuple, tuple] = {}  # per band geometry: (plan, exchange kwargs); computed once
 
@@ -84,11 +86,7 @@ def halo_conv_forward(ctx: ParallelContext, key: str, conv: torch.nn.Conv2d, ori
             x_ext = F.pad(rows, (0, 0, max(0, -a), max(0, b - h_in)))
             return conv_rows_only(x_ext)
         plan, kw = plan_for(step, info)
-        if step.sync:
-            top, bot = step.comm.exchange_rows(key, x, step.topo, **kw)
-        else:
-            top, bot = step.comm.stale_rows(key)
-            step.comm.queue_rows(key, x, **kw)
+        top, bot = ctx.exchange.halo_rows(step, key, x, kw)
         h = x.shape[-2]
         parts = [x[..., plan["trim_top"]: h - plan["trim_bot"], :]]
         if top is not None and plan["from_up"]:
@@ -104,7 +102,7 @@ def halo_conv_forward(ctx: ParallelContext, key: str, conv: torch.nn.Conv2d, ori
 
 
 def group_norm_forward(ctx: ParallelContext, key: str, gn: torch.nn.GroupNorm, original: Callable) -> Callable:
-    G = gn.num_groups
+    """forward(x) of a GroupNorm over a band: statistics of the whole image (from the exchange)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         step = ctx.active
@@ -116,27 +114,9 @@ def group_norm_forward(ctx: ParallelContext, key: str, gn: torch.nn.GroupNorm, o
             return original(x)
         if step is None or step.topo.n == 1:
             return original(x)
-        info = step.layer(key)
-        B, C, H, W = info.in_shape
+        B, C, H, W = step.layer(key).in_shape
         if x.shape[-2] == H:  # replicated input: local stats are global
             return original(x)
-        count = float(C // G * H * W)
-        local = ops.group_stats(x, G)
-        if step.sync:
-            glob = local.clone()
-            step.comm.all_reduce_sum(glob, step.topo, "groupnorm")
-            step.comm.store_sums(key, glob, local)
-            stats = glob
-        else:
-            stale_glob, stale_local = step.comm.stale_sums(key)
-            step.comm.queue_sums(key, local)
-            est = stale_glob - stale_local + local  # DistriFusion's corrected stale estimate
-            mean = est[..., 0] / count
-            var = est[..., 1] / count - mean * mean
-            n_loc = float(C // G * x.shape[-2] * x.shape[-1])
-            loc_mean = local[..., 0] / n_loc
-            var = torch.where(var < 0, local[..., 1] / n_loc - loc_mean * loc_mean, var)
-            stats = torch.stack([est[..., 0], count * (var + mean * mean)], dim=-1)
-        return ops.group_norm(x, G, gn.weight, gn.bias, gn.eps, stats=stats, count=count)
+        return ctx.exchange.group_norm(step, key, gn, x, float(C // gn.num_groups * H * W))
 
     return forward

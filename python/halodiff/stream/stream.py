@@ -31,6 +31,7 @@ from diffusers import LCMScheduler
 
 from ..comm.slots import SlotComm, SlotRange, group_size
 from ..errors import HalodiffError, PatchError
+from ..runtime import runtime_of
 from . import conditioning, io
 from .config import Guidance, StreamConfig
 from .filter import SimilarImageFilter
@@ -232,6 +233,9 @@ class StreamDiffusion:
         self.stats.unet_calls += 1
         self.stats.unet_rows += x.shape[0]
         kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
+        rt = runtime_of(self.unet)
+        if rt is not None:  # features on this UNet (patch, DeepCache) learn that every row has its own timestep
+            rt.clock.stream_call()
         return self.unet(x, t, encoder_hidden_states=emb, return_dict=False, **kwargs)[0]
 
     def _run_plan(self, plan: SlotPlan, x: torch.Tensor, stock: torch.Tensor | None):

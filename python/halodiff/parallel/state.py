@@ -1,16 +1,18 @@
-"""Explicit step state of a patched pipeline: which model runs, its step index, sync or async, the
-patch group and the band geometry of every wrapped layer. No globals: each patch owns one context."""
+"""Explicit state of a patched pipeline: topology (patch group, CFG split), per-denoiser geometry measured by a
+meta-device trace, and the step that is running. No globals: each patch owns one `ParallelContext`."""
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-from ..config import ParallelConfig
 from ..comm import CommManager, CommStats, SimulatedComm, Topology
+from ..config import ParallelConfig
+from ..runtime import Step
 from .geometry import Bands, min_height
 
 
@@ -24,49 +26,55 @@ class LayerInfo:
 
 
 @dataclass
+class ModelState:
+    """Per patched denoiser (UNet or ControlNet): its geometry and comm buffers."""
+
+    tag: str
+    model_ref: weakref.ReferenceType
+    comm: CommManager
+    signature: tuple | None = None
+    layers: dict[str, LayerInfo] = field(default_factory=dict)
+    deep_height: int = 0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.model_ref()
+
+
+@dataclass
 class StepInfo:
     """What the layers need to know about the step that is running."""
 
     model: ModelState
     topo: Topology
     bands: Bands
-    step: int
+    clock: Step
     sync: bool
-    last: bool
 
     @property
     def comm(self) -> CommManager:
         return self.model.comm
 
+    @property
+    def last(self) -> bool:
+        return self.clock.last
+
     def layer(self, key: str) -> LayerInfo:
         return self.model.layers[key]
 
 
-@dataclass
-class ModelState:
-    """Per patched model (UNet or ControlNet): its own step counter, geometry and comm buffers."""
-
-    tag: str
-    model: torch.nn.Module
-    comm: CommManager
-    step: int = -1
-    last_t: float | None = None
-    signature: tuple | None = None
-    layers: dict[str, LayerInfo] = field(default_factory=dict)
-    deep_height: int = 0
-    needs_reset: bool = True
-
-
 class ParallelContext:
     def __init__(self, config: ParallelConfig, group: dist.ProcessGroup | None,
-                 simulate: tuple[int, int] | None = None):
-        """simulate=(n, index): play band `index` of an n-rank group on this process, sending nothing."""
+                 simulate: tuple[int, int] | None = None, latent_scale: int | None = None):
+        """simulate=(n, index): play band `index` of an n-rank group on this process, sending nothing.
+        latent_scale: pixels per latent row (for messages)."""
         self.config = config
         self.simulated = simulate is not None
+        self.latent_scale = latent_scale
         self.stats = CommStats()
-        self.timesteps: list[float] | None = None
         self.active: StepInfo | None = None
         self.tracing = False
+        self.exchange = None  # the mode's strategy (parallel.exchange / distrifusion / pcpp), set by the engine
         self._records: dict[str, LayerInfo] = {}
         self.models: dict[str, ModelState] = {}
         self._bands: dict[tuple[int, int], Bands] = {}
@@ -105,15 +113,9 @@ class ParallelContext:
 
     def add_model(self, tag: str, model: torch.nn.Module) -> ModelState:
         comm_cls = SimulatedComm if self.simulated else CommManager
-        state = ModelState(tag, model, comm_cls(self.stats, self.config.timeout_s))
+        state = ModelState(tag, weakref.ref(model), comm_cls(self.stats, self.config.timeout_s))
         self.models[tag] = state
         return state
-
-    def new_generation(self, timesteps: list[float] | None) -> None:
-        """A pipeline call starts (scheduler.set_timesteps): warm up again, drop stale state."""
-        self.timesteps = timesteps
-        for m in self.models.values():
-            m.needs_reset = True
 
     def bands(self, deep_height: int, n: int) -> Bands:
         key = (deep_height, n)
@@ -125,7 +127,7 @@ class ParallelContext:
     def record(self, key: str, info: LayerInfo) -> None:
         self._records[key] = info
 
-    def trace(self, state: ModelState, args: tuple, kwargs: dict, topo: Topology) -> None:
+    def trace(self, state: ModelState, args: tuple, kwargs: dict, topo: Topology, sample_h: int) -> None:
         """Run the model on the meta device (no compute, no weights copied) so every wrapped layer
         records the global shape it sees; derive the deepest level and check the band split."""
         model = state.model
@@ -154,11 +156,11 @@ class ParallelContext:
         heights = [h for h, _ in grids.values()]
         state.layers = layers
         state.deep_height = min(heights) if heights else 0
-        sample_h = args[0].shape[-2] if args else kwargs["sample"].shape[-2]
         if topo.n > 1 and state.deep_height < topo.n:
             need = min_height(sample_h, state.deep_height, topo.n)
+            image = f" (image height {need * self.latent_scale} with this pipeline's VAE)" if self.latent_scale else ""
             raise ValueError(
                 f"halodiff: latent height {sample_h} gives only {state.deep_height} rows at the deepest UNet level, "
-                f"fewer than the {topo.n} ranks of a patch group: use a latent height of at least {need} "
-                f"(image height {need * 8} with the usual 8x VAE) or fewer ranks"
+                f"fewer than the {topo.n} ranks of a patch group: use a latent height of at least {need}{image} "
+                "or fewer ranks"
             )

@@ -1,4 +1,4 @@
-"""The only module that talks to torch.distributed.
+"""The comm manager: the only code that talks to torch.distributed for patch parallelism.
 
 - Sync steps exchange right away and block (`exchange_rows`, `all_reduce_sum`, `all_gather`).
 - Async steps read the *stale* data of the previous step (`stale_rows`, `stale_sums`) and queue
@@ -11,62 +11,15 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .. import ops
 from ..errors import CommTimeoutError
-
-KINDS = ("attention", "conv_halo", "groupnorm", "output")
-
-
-@dataclass
-class CommStats:
-    """This rank's payload bytes to and from other ranks since the last reset.
-
-    bytes_by_kind splits bytes_received into attention (K/V), conv_halo, groupnorm (sums) and
-    output (the gathered prediction). Collectives count their logical payload: an all-gather
-    receives the other ranks' parts; an all-reduce of S bytes counts S from each other rank.
-    """
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    messages: int = 0
-    steps: int = 0
-    bytes_by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
-
-    def reset(self) -> None:
-        self.bytes_sent = self.bytes_received = self.messages = self.steps = 0
-        self.bytes_by_kind = dict.fromkeys(KINDS, 0)
-
-    def add(self, kind: str, received: int, sent: int, messages: int = 1) -> None:
-        self.bytes_received += int(received)
-        self.bytes_sent += int(sent)
-        self.messages += messages
-        self.bytes_by_kind[kind] += int(received)
-
-
-@dataclass(frozen=True)
-class Topology:
-    """A patch group as seen by this rank: global ranks in band order and this rank's band index."""
-
-    group: dist.ProcessGroup | None
-    ranks: tuple[int, ...]
-    index: int
-
-    @property
-    def n(self) -> int:
-        return len(self.ranks)
-
-    @property
-    def up(self) -> int | None:
-        return self.ranks[self.index - 1] if self.index > 0 else None
-
-    @property
-    def down(self) -> int | None:
-        return self.ranks[self.index + 1] if self.index + 1 < self.n else None
+from .stats import KINDS, CommStats
+from .topology import Topology
 
 
 def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group):
@@ -358,18 +311,3 @@ class CommManager:
             for key, local in sums:
                 self._sums[key] = (flat[o: o + local.numel()].view(local.shape), local, pending)
                 o += local.numel()
-
-
-class SimulatedComm(CommManager):
-    """Plays one rank of an N-rank group on a single device: buffers, packing, counting and waits happen
-    exactly as in a real run, but nothing is sent (received buffers keep whatever they hold). Used to
-    time one rank's compute and count its bytes for multi-GPU projections (bench/project_gpus.py)."""
-
-    def _start_all_reduce(self, t, group) -> list:
-        return []
-
-    def _start_all_gather(self, out, inp, group) -> list:
-        return []
-
-    def _p2p(self, topo, sends, recvs) -> list:
-        return []
