@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import halodiff
 from halodiff import HalodiffError, ParallelConfig
@@ -110,3 +111,84 @@ def test_per_sample_timesteps_under_patch_and_deepcache():
             assert _err(o, ref) <= 1e-12
         assert "mode='sync'" in errors["distrifusion"] and "different timesteps" in errors["distrifusion"]
         assert "disable_deepcache" in errors["deepcache"] and "different timesteps" in errors["deepcache"]
+
+
+# ------------------------------------------------------------------------- GPU-readiness, checked on CPU
+class _Counts(TorchDispatchMode):
+    """Host syncs (value reads) and tensor allocations (ops returning a fresh tensor) while `active`."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = True
+        self.syncs = self.allocs = 0
+        self.alloc_ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.active:
+            name = func.__name__.split(".")[0]
+            if name in ("_local_scalar_dense", "is_nonzero"):
+                self.syncs += 1
+            fresh = any(r.alias_info is None and str(r.type) in ("Tensor", "Tensor[]") for r in func._schema.returns)
+            if fresh and not any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments):
+                self.allocs += 1
+                self.alloc_ops.append(name)
+        return out
+
+
+_COMM_METHODS = ("exchange_rows", "all_reduce_sums", "stale_rows", "stale_sums", "queue_rows", "queue_sums",
+                 "send_slots", "recv_slots", "all_gather", "start_step", "end_step", "join")
+
+
+def _steady_step_counts(mode: str):
+    """One simulated rank of 2 driven by a scheduler: per step, the comm layer's allocations, the host syncs of
+    the whole UNet call and the addresses of every comm buffer."""
+    from diffusers import DDIMScheduler
+
+    unet = tiny_sd15_unet()
+    lat, cond = _inputs(H=32)
+    x = torch.cat([lat, lat])
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    halodiff.parallel.simulate(unet, ParallelConfig(mode=mode, warmup_steps=2, split_cfg=False), 2, 0, scheduler=sched)
+    ctx = halodiff.parallel.context(unet)
+    comm = ctx.models["unet"].comm
+    counts = _Counts()
+    for name in _COMM_METHODS:  # allocations are counted inside the comm layer only
+        inner = getattr(comm, name)
+
+        def wrapped(*a, inner=inner, **k):
+            counts.active = True
+            try:
+                return inner(*a, **k)
+            finally:
+                counts.active = False
+        setattr(comm, name, wrapped)
+    per_step, addresses = [], []
+    with torch.no_grad():
+        for generation in range(2):
+            sched.set_timesteps(6)
+            for t in sched.timesteps:
+                counts.syncs = counts.allocs = 0
+                counts.alloc_ops = []
+                counts.active = False
+                syncs = _Counts()
+                with counts, syncs:
+                    unet(x, t, encoder_hidden_states=cond)
+                per_step.append((counts.allocs, list(counts.alloc_ops), syncs.syncs))
+                addresses.append({k: v.data_ptr() for k, v in comm.layout.buffers.items() if v is not None} |
+                                 {f"kv.{k}": b.recv.data_ptr() for k, b in ctx.exchange.kv.items()})
+    halodiff.unpatch(unet)
+    return per_step, addresses
+
+
+@pytest.mark.parametrize("mode", ["distrifusion", "pcpp"])
+def test_steady_steps_allocate_nothing_in_the_comm_layer_and_read_nothing_on_the_host(mode):
+    """What CUDA-graph capture and a stream-ordered GPU step need, checked on CPU: after the first generation's
+    warm-up, no step allocates a tensor in the comm layer, no UNet call reads a tensor value on the host (a GPU
+    sync), and every comm buffer keeps its address across steps and generations."""
+    per_step, addresses = _steady_step_counts(mode)
+    for i, (allocs, ops, syncs) in enumerate(per_step):
+        assert syncs == 0, f"step {i}: {syncs} host reads of tensor values"
+        if i >= 1:  # step 0 traces the model and lays out the slots once
+            assert allocs == 0, f"step {i}: the comm layer allocated {allocs} tensors ({ops})"
+    assert all(a == addresses[0] for a in addresses), "comm buffers moved between steps"

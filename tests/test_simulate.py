@@ -32,7 +32,8 @@ def test_simulated_async_steps_run_without_peers():
         halodiff.parallel.simulate(unet, ParallelConfig(mode=mode, warmup_steps=1), 4, 2)
         comm = halodiff.parallel.context(unet).models["unet"].comm
         calls = []
-        for name in ("exchange_rows", "stale_rows", "flush"):
+        names = ("exchange_rows", "stale_rows", "queue_rows", "end_step")
+        for name in names:
             inner = getattr(comm, name)
             setattr(comm, name, lambda *a, inner=inner, name=name, **k: calls.append(name) or inner(*a, **k))
         per_step = []
@@ -40,11 +41,13 @@ def test_simulated_async_steps_run_without_peers():
             for t in (900, 800, 700):
                 calls.clear()
                 out = unet(lat, t, encoder_hidden_states=cond).sample
-                per_step.append({n: calls.count(n) for n in ("exchange_rows", "stale_rows", "flush")})
+                per_step.append({n: calls.count(n) for n in names})
                 assert out.shape == lat.shape
         halodiff.unpatch(unet)
         n_convs = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1) - 1
-        assert per_step[0] == {"exchange_rows": n_convs, "stale_rows": 0, "flush": 0}, (mode, per_step[0])
-        stale_readers = n_convs + (16 if mode == "pcpp" else 0)  # pcpp attention reads stale K/V rows too
+        assert per_step[0] == {"exchange_rows": n_convs, "stale_rows": 0, "queue_rows": 0, "end_step": 1}, \
+            (mode, per_step[0])
+        queued = n_convs + (16 if mode == "pcpp" else 0)  # pcpp sends its K/V boundary rows too
         for step in per_step[1:]:
-            assert step == {"exchange_rows": 0, "stale_rows": stale_readers, "flush": 1}, (mode, step)
+            assert step == {"exchange_rows": 0, "stale_rows": n_convs, "queue_rows": queued, "end_step": 1}, \
+                (mode, step)

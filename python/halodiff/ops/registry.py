@@ -172,3 +172,23 @@ def report(device: str | torch.device | None = None) -> dict[str, dict[str, list
         name: {b: op.reasons(b, dev) if b in op.impls else ["not implemented for this op"] for b in BACKEND_ORDER}
         for name, op in OPS.items()
     }
+
+
+class Binding:
+    """Ops bound to a backend once: `binding(name, device, key, *args)` selects the backend (with every input
+    check) on the first call per (op, key, forced backend) and afterwards calls that implementation directly,
+    without argument validation, backend loops or environment reads. For callers whose arguments are correct
+    by construction and the same on every step (the patch-parallel engine's hot path); `key` must capture
+    what the checks depend on (device, dtype, ...). HALODIFF_BACKEND is read when the binding is created."""
+
+    def __init__(self) -> None:
+        self._impls: dict[tuple, Callable] = {}
+        self._env = os.environ.get("HALODIFF_BACKEND") or None
+
+    def __call__(self, name: str, device: torch.device, key: tuple, *args):
+        k = (name, key, _forced.get() or self._env)
+        impl = self._impls.get(k)
+        if impl is None:
+            op = OPS[name]
+            impl = self._impls[k] = op.impls[op.select(device, *args)]
+        return impl(*args)

@@ -60,7 +60,9 @@ class BandAttention:
             return call()
         if ctx.tracing:
             shape = tuple(hidden_states.shape)
-            ctx.record(self.key, LayerInfo(shape, hw=tuple(shape[-2:]) if len(shape) == 4 else None))
+            kv_channels = getattr(attn, "inner_kv_dim", None) or attn.inner_dim
+            ctx.record(self.key, LayerInfo(shape, hw=tuple(shape[-2:]) if len(shape) == 4 else None, kind="attention",
+                                           params=(kv_channels,)))
             return call()
         if step is None or step.topo.n == 1:
             return call()
@@ -87,12 +89,10 @@ class BandAttention:
         if attn_mask is not None or is_causal or dropout_p or enable_gqa or k.shape[1] != q.shape[1]:
             raise PatchError(f"halodiff: {self.key}: band attention supports plain softmax attention only (no mask, "
                              "causal, dropout or grouped-query heads)")
-        B, H, L, D = k.shape
-        if L * k.shape[0] != B * step.bands.heights(rows)[step.topo.index] * cols:
-            raise PatchError(f"halodiff: {self.key}: the attention's token count ({L}) is not this rank's band of the "
-                             f"{rows}x{cols} token grid")
-        kv = torch.cat([k.transpose(1, 2).reshape(B, L, H * D), v.transpose(1, 2).reshape(B, L, H * D)], dim=-1)
-        return self.ctx.exchange.attention(step, self.key, q, kv, rows, cols, scale)
+        if k.shape[2] != step.bands.heights(rows)[step.topo.index] * cols:
+            raise PatchError(f"halodiff: {self.key}: the attention's token count ({k.shape[2]}) is not this rank's "
+                             f"band of the {rows}x{cols} token grid")
+        return self.ctx.exchange.attention(step, self.key, q, k, v, rows, cols, scale)
 
 
 @functools.cache

@@ -10,6 +10,7 @@ PCPP) is chosen once, here.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +21,12 @@ from ..comm import CommStats
 from ..config import ParallelConfig
 from ..errors import HalodiffError, PatchError
 from ..runtime import Denoiser, Installation, Step, Subscriber, attach, denoisers, install, lookup, uninstall
-from ..runtime.adapters import latent_scale
+from ..runtime.adapters import latent_scale, norm_act_pairs
 from .attention import BandAttention
 from .distrifusion import DistriFusion
 from .exchange import SyncExchange
-from .layers import conv_supported, group_norm_forward, halo_conv_forward
+from .graphs import StepGraphs
+from .layers import conv_supported, group_norm_forward, halo_conv_forward, silu_forward
 from .pcpp import PCPP
 from .state import ParallelContext, StepInfo
 
@@ -79,7 +81,7 @@ class _Steps:
     def before(self, d: Denoiser, clock: Step, args: tuple, kwargs: dict):
         ctx = self.ctx
         st = ctx.models.get(d.tag)
-        if st is None:
+        if st is None or ctx.world == 1:  # one rank: the model runs unchanged (and compiles to one graph)
             return None
         if clock.per_sample and ctx.exchange.stale and ctx.world > 1:
             raise HalodiffError(
@@ -98,10 +100,11 @@ class _Steps:
             kwargs = _split_batch(kwargs, B, ctx.cfg_half)
             sample = d.sample(args, kwargs)
         signature = (tuple(sample.shape), sample.dtype, sample.device, topo.ranks)
-        if clock.new_generation or signature != st.signature or d.tag not in self.warm_start:
+        relayout = signature != st.signature
+        if clock.new_generation or relayout or d.tag not in self.warm_start:
             st.comm.reset()
             self.warm_start[d.tag] = clock.index
-            if signature != st.signature and ctx.world > 1:
+            if relayout and ctx.world > 1:
                 # Residuals may already be band-local (from a patched ControlNet); layer shapes do not
                 # depend on them, so the trace runs without them.
                 ctx.trace(st, tuple(args), {k: (None if k in d.residual_kwargs else v) for k, v in kwargs.items()},
@@ -109,6 +112,9 @@ class _Steps:
             st.signature = signature
         sync = ctx.exchange.is_sync(clock.index - self.warm_start[d.tag])
         step = StepInfo(st, topo, ctx.bands(max(st.deep_height, 1), topo.n), clock, sync)
+        if relayout and ctx.world > 1:
+            st.comm.set_layout(*ctx.exchange.layout(st, step), like=sample, topo=topo)
+        st.comm.start_step(sending=not sync and not clock.last)
         for name in d.residual_kwargs:
             if kwargs.get(name) is not None:
                 full = st.deep_height if name.startswith("mid") else sample.shape[-2]
@@ -117,22 +123,34 @@ class _Steps:
         return tuple(args), kwargs
 
     def after(self, d: Denoiser, clock: Step, output: Any):
-        ctx, step = self.ctx, self.ctx.active
-        if step is None or step.model.tag != d.tag:
-            return None
-        ctx.active = None
-        if not step.sync:
-            step.comm.flush(step.topo, send=not step.last)
+        ctx = self.ctx
+        if ctx.active is not None and ctx.active.model.tag == d.tag:
+            ctx.active = None
+        return None
+
+
+def _denoiser_forward(ctx: ParallelContext, d: Denoiser, inner: Callable) -> Callable:
+    """The denoiser's forward plus the step's epilogue, inside forward (so a captured CUDA graph holds it
+    too): join this step's communication, and (UNet) gather the predicted bands of every rank."""
+
+    def forward(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        step = ctx.active
+        if step is None or ctx.tracing or step.model.tag != d.tag:
+            return out
+        step.comm.end_step(step.topo)
         if not d.predicts:
-            return None
+            return out
         ctx.stats.steps += 1
-        sample = d.prediction(output)
+        sample = d.prediction(out)
         if step.topo.n > 1:
             full_h = step.model.signature[0][-2]  # the prediction has the input sample's height
             sample = step.comm.gather_bands(sample.contiguous(), step.bands.heights(full_h), step.topo, "output")
         if step.topo is ctx.split:
             sample = step.comm.all_gather_batch(sample, ctx.pair_group, 2, "output")
-        return d.with_prediction(output, sample)
+        return d.with_prediction(out, sample)
+
+    return forward
 
 
 def _checked(config, kwargs: dict) -> ParallelConfig:
@@ -145,8 +163,27 @@ def _checked(config, kwargs: dict) -> ParallelConfig:
     return config
 
 
+def _graphs_usable(config: ParallelConfig, dens: list[Denoiser]) -> bool:
+    if not config.cuda_graphs:
+        return False
+    p = next(iter(dens[0].module.parameters()), None)
+    if p is None or p.device.type != "cuda":
+        warnings.warn("halodiff.patch: ParallelConfig(cuda_graphs=True) needs a model on a CUDA device; steps run "
+                      "eagerly", RuntimeWarning, stacklevel=4)
+        return False
+    return True
+
+
+def _kinds_for_graphs(pipe, rt) -> tuple:
+    """Per-feature step kinds for the graph key; DeepCache must keep its cache at fixed addresses."""
+    entry = lookup(pipe, "deepcache")
+    if entry is not None:
+        entry[1].static_cache = True
+    return rt.step_kinds()
+
+
 def _install(pipe, config: ParallelConfig, make_context: Callable[[ParallelConfig], ParallelContext],
-             scheduler=None) -> None:
+             scheduler=None, graph_backend=None) -> None:
     dens = denoisers(pipe, "halodiff.patch")
     if lookup(pipe, FEATURE) is not None:
         raise PatchError("halodiff.patch: this pipeline is already patched; call halodiff.unpatch(pipe) first")
@@ -157,10 +194,13 @@ def _install(pipe, config: ParallelConfig, make_context: Callable[[ParallelConfi
 
     def build(inst: Installation) -> ParallelContext:
         ctx = make_context(config)
+        inst.on_remove(ctx.close)  # runs last: join communication, destroy halodiff's process groups
         ctx.exchange = EXCHANGES[config.mode](ctx)
         for d in dens:
             ctx.add_model(d.tag, d.module)
-            for name, m in d.module.named_modules():
+            pairs = dict(norm_act_pairs(d.module))
+            modules = dict(d.module.named_modules())
+            for name, m in modules.items():
                 key = f"{d.tag}.{name}"
                 if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1:
                     reason = conv_supported(m)
@@ -168,13 +208,22 @@ def _install(pipe, config: ParallelConfig, make_context: Callable[[ParallelConfi
                         raise PatchError(f"halodiff.patch: {key} has {reason}, which the halo conv does not support")
                     inst.override(m, "forward", lambda inner, m=m, key=key: halo_conv_forward(ctx, key, m, inner))
                 elif isinstance(m, nn.GroupNorm):
-                    inst.override(m, "forward", lambda inner, m=m, key=key: group_norm_forward(ctx, key, m, inner))
+                    fuse = name in pairs
+                    inst.override(m, "forward", lambda inner, m=m, key=key, fuse=fuse:
+                                  group_norm_forward(ctx, key, m, inner, fuse))
                 elif isinstance(m, Attention) and not m.is_cross_attention:
                     inst.processor(m, lambda inner, key=key: BandAttention(ctx, key, inner))
+            for act in dict.fromkeys(pairs.values()):
+                inst.override(modules[act], "forward", lambda inner: silu_forward(ctx, inner))
+            inst.override(d.module, "forward", lambda inner, d=d: _denoiser_forward(ctx, d, inner))
         steps = _Steps(ctx)
-        _, detach = attach(pipe, Subscriber(FEATURE, steps.before, steps.after), scheduler)
+        rt, detach = attach(pipe, Subscriber(FEATURE, steps.before, steps.after), scheduler)
         inst.on_remove(detach)
-        inst.on_remove(lambda: [s.comm.drain() for s in ctx.models.values()])  # runs first
+        if _graphs_usable(config, dens):
+            for d in dens:
+                graphs = ctx.graphs[d.tag] = StepGraphs(ctx, d, lambda: _kinds_for_graphs(pipe, rt), graph_backend)
+                inst.override(d.module, "forward", graphs.forward_factory)
+                ctx.models[d.tag].comm.join_at_end = True  # a captured step must not leave work in flight
         return ctx
 
     install(FEATURE, [pipe] + [d.module for d in dens if d.module is not pipe], build)
@@ -190,14 +239,24 @@ def patch(pipe, config: ParallelConfig | None = None, group=None, *, scheduler=N
     Without an initialised torch.distributed the pipeline runs single-rank, unchanged.
     """
     config = _checked(config, kwargs)
-    _install(pipe, config, lambda cfg: ParallelContext(cfg, group, latent_scale=latent_scale(pipe)), scheduler)
+    device = _device(pipe)
+    _install(pipe, config, lambda cfg: ParallelContext(cfg, group, latent_scale=latent_scale(pipe), device=device),
+             scheduler)
 
 
-def simulate(pipe, config: ParallelConfig | None, ranks: int, index: int, *, scheduler=None) -> None:
+def simulate(pipe, config: ParallelConfig | None, ranks: int, index: int, *, scheduler=None, transport=None) -> None:
     """Patch `pipe` to play band `index` of a `ranks`-rank group on this one process without sending
     anything (received boundary data is whatever the buffers hold). For timing one rank's compute and
-    counting its bytes (bench/project_gpus.py); the image is not meaningful. Undo with `unpatch`."""
-    _install(pipe, _checked(config, {}), lambda cfg: ParallelContext(cfg, None, simulate=(ranks, index)), scheduler)
+    counting its bytes (bench/project_gpus.py); the image is not meaningful. Undo with `unpatch`.
+    transport(stats, checkpoint) -> CommManager: e.g. a `halodiff.comm.SimulatedLink` (bench/overlap.py)."""
+    _install(pipe, _checked(config, {}),
+             lambda cfg: ParallelContext(cfg, None, simulate=(ranks, index), transport=transport), scheduler)
+
+
+def _device(pipe) -> torch.device | None:
+    module = denoisers(pipe, "halodiff.patch")[0].module
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else None
 
 
 def _owner(pipe, what: str):

@@ -3,7 +3,8 @@
 `SyncExchange` is the exact algorithm (`mode="sync"`, and every warm-up step of the async modes): fresh
 halos, all-reduced GroupNorm sums and all-gathered K/V, each exchanged when the layer needs it and waited for
 on the spot; the result equals one device. `parallel/distrifusion.py` and `parallel/pcpp.py` subclass it with
-their papers' stale, asynchronous versions. The engine picks the class once, at `patch()`.
+their papers' stale, asynchronous versions. The engine picks the class once, at `patch()`; the class also
+lays out the static exchange slots of every band layer once per input signature (`layout`).
 """
 from __future__ import annotations
 
@@ -11,20 +12,24 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import ops
-from .state import ParallelContext, StepInfo
+from ..comm.manager import RowSpec, SumSpec
+from .state import ModelState, ParallelContext, StepInfo
 
 
 @dataclass
 class KVBuffers:
-    """Persistent all-gather buffers of one attention layer: send [B, Lmax, 2C], recv [n, B, Lmax, 2C]."""
+    """Persistent all-gather buffers of one attention layer: send [B, Lmax, 2C], recv [n, B, Lmax, 2C], and
+    their K/V views, made once: `send_k`/`send_v` [B, L, H, D] to write this band into, `segments` the
+    [B, H, L_i, D] K/V of every band i as the recv buffer holds them."""
 
     shape: tuple
     send: torch.Tensor
     recv: torch.Tensor
     lens: list[int]
     payload: dict[str, int]
-    pending: object = None  # an all-gather in flight into `recv`
+    send_k: torch.Tensor
+    send_v: torch.Tensor
+    segments: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def split_kv(kv: torch.Tensor, heads: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,60 +52,76 @@ class SyncExchange:
         """Whether a step exchanges fresh data (`steps_since_reset` steps after a new generation)."""
         return True
 
+    # --------------------------------------------------------------------------------- layout
+    def layout(self, st: ModelState, step: StepInfo) -> tuple[list[RowSpec], list[SumSpec]]:
+        """Static exchange slots of every band layer of the traced model, in call order."""
+        from .layers import halo_spec
+
+        rows, sums = [], []
+        for key, info in st.layers.items():
+            if info.kind == "conv":
+                rows.append(halo_spec(key, info, step.bands, step.topo))
+            elif info.kind == "groupnorm":
+                sums.append(SumSpec(key, (info.in_shape[0], info.params[0], 2)))
+            elif info.kind == "attention":
+                spec = self.attention_spec(key, info, step)
+                if spec is not None:
+                    rows.append(spec)
+        return rows, sums
+
+    def attention_spec(self, key: str, info, step: StepInfo) -> RowSpec | None:
+        return None  # whole-band K/V travel in all-gathers, not in the neighbour messages
+
     # ------------------------------------------------------------------------------ conv halos
-    def halo_rows(self, step: StepInfo, key: str, x: torch.Tensor, kw: dict):
+    def halo_rows(self, step: StepInfo, key: str, x: torch.Tensor):
         """(rows from the band above, rows from the band below) for a k x k conv's input band x."""
-        return step.comm.exchange_rows(key, x, step.topo, **kw)
+        return step.comm.exchange_rows(key, x, step.topo)
+
+    def after_halo(self, step: StepInfo, key: str, x: torch.Tensor) -> None:
+        """The conv has consumed its halo rows (async modes queue this step's rows here)."""
 
     # ------------------------------------------------------------------------------- GroupNorm
-    def group_norm(self, step: StepInfo, key: str, gn: torch.nn.GroupNorm, x: torch.Tensor, count: float):
+    def group_norm(self, step: StepInfo, key: str, gn: torch.nn.GroupNorm, x: torch.Tensor, count: float,
+                   silu: bool) -> torch.Tensor:
+        ops = self.ctx.ops
         local = ops.group_stats(x, gn.num_groups)
-        glob = local.clone()
-        step.comm.all_reduce_sum(glob, step.topo, "groupnorm")
-        step.comm.store_sums(key, glob, local)
-        return ops.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps, stats=glob, count=count)
+        glob = step.comm.all_reduce_sums(key, local, step.topo)
+        return ops.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps, silu, glob, count)
 
     # ------------------------------------------------------------------------------- attention
-    def kv_buffers(self, step: StepInfo, key: str, kv: torch.Tensor, rows: int, cols: int) -> KVBuffers:
+    def kv_buffers(self, step: StepInfo, key: str, k: torch.Tensor, rows: int, cols: int) -> KVBuffers:
         topo = step.topo
         lens = [h * cols for h in step.bands.heights(rows)]
-        B, L, C2 = kv.shape
-        shape = (topo.ranks, B, max(lens), C2, kv.dtype, kv.device)
+        B, H, L, D = k.shape
+        C2 = 2 * H * D
+        shape = (topo.ranks, B, max(lens), C2, k.dtype, k.device)
         buf = self.kv.get(key)
         if buf is None or buf.shape != shape:
-            esize = kv.element_size()
+            esize = k.element_size()
+            send, recv = k.new_zeros(B, max(lens), C2), k.new_zeros(topo.n, B, max(lens), C2)
+            mine = send[:, :L].view(B, L, 2, H, D)
             buf = self.kv[key] = KVBuffers(
-                shape, kv.new_zeros(B, max(lens), C2), kv.new_zeros(topo.n, B, max(lens), C2), lens,
-                dict(payload_received=(sum(lens) - L) * B * C2 * esize, payload_sent=L * B * C2 * esize * (topo.n - 1)))
+                shape, send, recv, lens,
+                dict(payload_received=(sum(lens) - L) * B * C2 * esize, payload_sent=L * B * C2 * esize * (topo.n - 1)),
+                mine[:, :, 0], mine[:, :, 1], [split_kv(recv[i, :, :n], H, D) for i, n in enumerate(lens)])
         return buf
 
-    def gather_kv(self, step: StepInfo, buf: KVBuffers, kv: torch.Tensor, async_op: bool = False):
-        """All-gather this band's K/V ([B, L, 2C]) into `buf.recv` (fresh, or in flight with async_op)."""
-        self.join_kv(buf)
-        buf.send[:, : kv.shape[1]].copy_(kv)
-        return step.comm.all_gather(buf.recv, buf.send, step.topo, "attention", async_op=async_op, **buf.payload)
+    def gather_kv(self, step: StepInfo, buf: KVBuffers, k: torch.Tensor, v: torch.Tensor, key: str | None = None):
+        """All-gather this band's K/V into `buf.recv`: fresh, or (with `key`) posted for the next step."""
+        buf.send_k.copy_(k.transpose(1, 2))
+        buf.send_v.copy_(v.transpose(1, 2))
+        step.comm.all_gather(buf.recv, buf.send, step.topo, "attention", key=key, **buf.payload)
 
-    @staticmethod
-    def join_kv(buf: KVBuffers) -> None:
-        """Wait for the all-gather in flight into `buf.recv`, if any."""
-        if buf.pending is not None:
-            buf.pending.wait()
-            buf.pending = None
+    def band_segments(self, step: StepInfo, buf: KVBuffers, k: torch.Tensor, v: torch.Tensor):
+        """K/V segments of every band in row order: the own band fresh, the others from `buf.recv`."""
+        j = step.topo.index
+        return ([k if i == j else s[0] for i, s in enumerate(buf.segments)],
+                [v if i == j else s[1] for i, s in enumerate(buf.segments)])
 
-    def band_segments(self, step: StepInfo, buf: KVBuffers, kv: torch.Tensor, heads: int, D: int):
-        """K/V segments of every band in row order: the own band from `kv`, the others from `buf.recv`."""
-        ks, vs = [], []
-        for i, n in enumerate(buf.lens):
-            k_i, v_i = split_kv(kv if i == step.topo.index else buf.recv[i, :, :n], heads, D)
-            ks.append(k_i)
-            vs.append(v_i)
-        return ks, vs
-
-    def attention(self, step: StepInfo, key: str, q: torch.Tensor, kv: torch.Tensor, rows: int, cols: int,
-                  scale: float | None) -> torch.Tensor:
-        """softmax(q Kᵀ) V over the K/V of every band. q: [B, H, Lq, D]; kv: this band's [B, L, 2C]."""
-        heads, D = q.shape[1], q.shape[-1]
-        buf = self.kv_buffers(step, key, kv, rows, cols)
-        self.gather_kv(step, buf, kv)
-        ks, vs = self.band_segments(step, buf, kv, heads, D)
-        return ops.segmented_attention(q, ks, vs, scale=scale)
+    def attention(self, step: StepInfo, key: str, q, k, v, rows: int, cols: int, scale: float | None):
+        """softmax(q Kᵀ) V over the K/V of every band. q, k, v: [B, H, L, D] of this band."""
+        buf = self.kv_buffers(step, key, k, rows, cols)
+        step.comm.arrive(key)  # an all-gather of the previous generation may still be writing `buf.recv`
+        self.gather_kv(step, buf, k, v)
+        ks, vs = self.band_segments(step, buf, k, v)
+        return self.ctx.ops.segmented_attention(q, ks, vs, scale)

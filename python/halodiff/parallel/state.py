@@ -11,18 +11,25 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
 from ..comm import CommManager, CommStats, SimulatedComm, Topology
+from ..comm.topology import destroy, new_group
 from ..config import ParallelConfig
 from ..runtime import Step
 from .geometry import Bands, min_height
+from .kernels import EngineOps
 
 
 @dataclass
 class LayerInfo:
-    """Global (whole-image) shapes of a wrapped layer, measured by the meta-device trace."""
+    """Global (whole-image) shapes of a wrapped layer, measured by the meta-device trace.
+
+    kind: "conv" / "groupnorm" / "attention"; params: conv (kernel, stride, padding, dilation) of the rows,
+    GroupNorm (groups,), attention (K/V channels,)."""
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...] | None = None
     hw: tuple[int, int] | None = None  # attention: (rows, cols) of its token grid
+    kind: str = ""
+    params: tuple = ()
 
 
 @dataclass
@@ -65,27 +72,37 @@ class StepInfo:
 
 class ParallelContext:
     def __init__(self, config: ParallelConfig, group: dist.ProcessGroup | None,
-                 simulate: tuple[int, int] | None = None, latent_scale: int | None = None):
-        """simulate=(n, index): play band `index` of an n-rank group on this process, sending nothing.
-        latent_scale: pixels per latent row (for messages)."""
+                 simulate: tuple[int, int] | None = None, latent_scale: int | None = None,
+                 device: torch.device | None = None, transport=None):
+        """simulate=(n, index): play band `index` of an n-rank group on this process, sending nothing
+        (`transport(stats, checkpoint)` builds its CommManager, default SimulatedComm).
+        latent_scale: pixels per latent row (for messages). device: the model's (groups are initialised on it).
+
+        halodiff creates its own process groups for the patch group and the CFG split (only the member ranks
+        take part, each with `config.timeout_s`), and destroys them in `close()` (unpatch)."""
         self.config = config
         self.simulated = simulate is not None
         self.latent_scale = latent_scale
         self.stats = CommStats()
+        self.ops = EngineOps()
         self.active: StepInfo | None = None
         self.tracing = False
         self.exchange = None  # the mode's strategy (parallel.exchange / distrifusion / pcpp), set by the engine
+        self.fused_silu: torch.Tensor | None = None  # a GroupNorm output that already holds its SiLU
+        self._transport = transport or (SimulatedComm if self.simulated else CommManager)
         self._records: dict[str, LayerInfo] = {}
         self.models: dict[str, ModelState] = {}
         self._bands: dict[tuple[int, int], Bands] = {}
+        self.groups: list[dist.ProcessGroup] = []
+        self.graphs: dict = {}  # per denoiser tag: its StepGraphs (cuda_graphs=True)
         if simulate is not None:
             n, index = simulate
             if not 0 <= index < n:
                 raise ValueError(f"simulate=(n, index) needs 0 <= index < n, got {simulate}")
             ranks, me = tuple(range(n)), index
         elif dist.is_available() and dist.is_initialized():
-            ranks = tuple(dist.get_process_group_ranks(group) if group is not None
-                          else range(dist.get_world_size()))
+            ranks = tuple(sorted(dist.get_process_group_ranks(group) if group is not None
+                                 else range(dist.get_world_size())))
             me = dist.get_rank()
             if me not in ranks:
                 raise ValueError(f"this rank ({me}) is not in the process group passed to halodiff.patch")
@@ -93,27 +110,39 @@ class ParallelContext:
             ranks, me = (0,), 0
         self.ranks, self.rank = ranks, me
         n = len(ranks)
-        self.full = Topology(group, ranks, ranks.index(me))
+        own = (lambda rs: self._group(rs, device)) if simulate is None and n > 1 else (lambda rs: None)
+        self.full = Topology(own(ranks), ranks, ranks.index(me), own(ranks))
         self.split: Topology | None = None
         self.pair_group: dist.ProcessGroup | None = None
         self.cfg_half = 0
         if config.split_cfg and n >= 2 and n % 2 == 0 and simulate is None:
-            # Every rank creates every group, in the same order (torch.distributed requires it).
             halves = (ranks[: n // 2], ranks[n // 2:])
-            sub = [dist.new_group(list(h)) if len(h) > 1 else None for h in halves]
-            pairs = [dist.new_group([halves[0][i], halves[1][i]]) for i in range(n // 2)]
             self.cfg_half = 0 if me in halves[0] else 1
             mine = halves[self.cfg_half]
-            self.split = Topology(sub[self.cfg_half], mine, mine.index(me))
-            self.pair_group = pairs[mine.index(me)]
+            i = mine.index(me)
+            self.split = Topology(*((own(mine), mine, i, own(mine)) if len(mine) > 1 else (None, mine, i, None)))
+            self.pair_group = own((halves[0][i], halves[1][i]))
+
+    def _group(self, ranks: tuple[int, ...], device) -> dist.ProcessGroup:
+        g = new_group(ranks, self.config.timeout_s, device)
+        self.groups.append(g)
+        return g
+
+    def close(self) -> None:
+        """Join every model's communication and destroy halodiff's process groups (unpatch)."""
+        try:
+            for m in self.models.values():
+                m.comm.join()
+        finally:
+            destroy(self.groups)
 
     @property
     def world(self) -> int:
         return len(self.ranks)
 
     def add_model(self, tag: str, model: torch.nn.Module) -> ModelState:
-        comm_cls = SimulatedComm if self.simulated else CommManager
-        state = ModelState(tag, weakref.ref(model), comm_cls(self.stats, self.config.timeout_s))
+        state = ModelState(tag, weakref.ref(model), self._transport(self.stats, self.config.comm_checkpoint))
+        state.comm.timeout_s = self.config.timeout_s
         self.models[tag] = state
         return state
 

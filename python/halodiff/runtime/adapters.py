@@ -135,3 +135,22 @@ def latent_scale(pipe: Any) -> int | None:
         return None
     factor = getattr(pipe, "vae_scale_factor", None)
     return int(factor) if isinstance(factor, int) and factor > 0 else None
+
+
+def norm_act_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """(GroupNorm, SiLU) submodule names where the norm's output goes straight into the activation, so the
+    activation can be fused into the norm: diffusers' ResnetBlock2D (norm1 -> nonlinearity; norm2 ->
+    nonlinearity unless a scale-shift time embedding sits between them) and the UNet's conv_norm_out -> conv_act."""
+    pairs = []
+    for name, m in module.named_modules():
+        prefix = f"{name}." if name else ""
+        act = getattr(m, "nonlinearity", None)
+        if isinstance(act, nn.SiLU) and hasattr(m, "time_embedding_norm"):
+            if isinstance(getattr(m, "norm1", None), nn.GroupNorm):
+                pairs.append((prefix + "norm1", prefix + "nonlinearity"))
+            if isinstance(getattr(m, "norm2", None), nn.GroupNorm) and m.time_embedding_norm == "default":
+                pairs.append((prefix + "norm2", prefix + "nonlinearity"))
+        if isinstance(getattr(m, "conv_norm_out", None), nn.GroupNorm) and isinstance(getattr(m, "conv_act", None),
+                                                                                        nn.SiLU):
+            pairs.append((prefix + "conv_norm_out", prefix + "conv_act"))
+    return pairs

@@ -109,8 +109,13 @@ class Installation:
         token = object()
         chain.layers.append((token, make))
         chain.rebuild()
+        # Weak: the chain (through its base, a bound method) holds `obj`, and this undo lives in the registry.
+        obj_ref, chain_ref = weakref.ref(obj), weakref.ref(chain)
 
         def undo() -> None:
+            chain, obj = chain_ref(), obj_ref()
+            if chain is None or obj is None:
+                return
             chain.layers[:] = [(t, m) for t, m in chain.layers if t is not token]
             if chain.layers:
                 chain.rebuild()

@@ -25,11 +25,14 @@ FEATURE = "runtime"
 
 @dataclass
 class Subscriber:
-    """A feature's per-call callbacks. `before` may return new (args, kwargs); `after` a new output."""
+    """A feature's per-call callbacks. `before` may return new (args, kwargs); `after` a new output;
+    `kind` says which kind of step the call is for this feature (e.g. DeepCache full / partial): features
+    that specialise per step kind (CUDA graphs) key on it."""
 
     name: str
     before: Callable[[Denoiser, Step, tuple, dict], tuple[tuple, dict] | None] | None = None
     after: Callable[[Denoiser, Step, Any], Any] | None = None
+    kind: Callable[[], Any] | None = None
 
 
 class Runtime:
@@ -41,6 +44,10 @@ class Runtime:
         self.subscribers: list[Subscriber] = []
         self.steps: dict[str, Step] = {}  # the step of each denoiser call in flight
         self._wrapped_schedulers: set[int] = set()
+
+    def step_kinds(self) -> tuple:
+        """The kind of the current call for every feature that reports one."""
+        return tuple((s.name, s.kind()) for s in self.subscribers if s.kind is not None)
 
     def denoiser(self, tag: str) -> Denoiser:
         for d in self.denoisers:
