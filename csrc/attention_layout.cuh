@@ -193,13 +193,13 @@ HALODIFF_HD constexpr BlockCoords block_coords(int block, int m_blocks, int spli
 struct Tile {
   int warps, mt;
 };
-// The query tile for B*H heads of lq rows on `sms` SMs: the short-query tile (1 warp, 16 rows) when a head
-// has <= 16 rows or 64-row tiles would leave most SMs idle (per-rank query lengths of a patch-parallel UNet
-// are small: SD1.5 on 4 ranks gives 1024/256/64/16 rows per head); the 128-row tile for head dims <= 64
-// when there are >= 128 rows; else 64 rows. K/V splits (choose_splits) then fill the GPU.
+// The query tile for B*H heads of lq rows on `sms` SMs. Per-rank query lengths of a patch-parallel UNet are
+// small (SD1.5 on 4 ranks: 1024/256/64/16 rows per head), so: the short-query tile (1 warp, 16 rows) when
+// a 64-row tile would be at least half empty; the 128-row tile (head dims <= 64) when its blocks alone fill
+// half the SMs; else 64 rows. K/V splits (choose_splits) then fill the GPU.
 inline Tile choose_tile(int64_t bh, int64_t lq, int dp, int sms) {
-  if ((lq <= 16 || 2 * bh * ((lq + 63) / 64) <= sms) && v2_tile_supported(dp, 1, 1)) return {1, 1};
-  if (lq >= 128 && v2_tile_supported(dp, 4, 2)) return {4, 2};
+  if (lq <= 32 && v2_tile_supported(dp, 1, 1)) return {1, 1};
+  if (lq >= 128 && v2_tile_supported(dp, 4, 2) && 2 * bh * ((lq + 127) / 128) >= sms) return {4, 2};
   return {4, 1};
 }
 // K/V splits so that about 2 blocks per SM are in flight, each split >= 2 tiles, at most kMaxSplits.

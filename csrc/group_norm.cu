@@ -43,12 +43,21 @@ constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
 struct FastDiv {
   uint32_t d = 1, m = 1, s = 0;
   FastDiv() = default;
-  explicit FastDiv(uint32_t divisor) : d(divisor) {
+  explicit FastDiv(uint32_t divisor) : d(divisor > 0 ? divisor : 1) {
     while ((1u << s) < d) ++s;
     m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << s) - d)) / d + 1);
   }
   __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
 };
+
+// a / b and a % b for 0 <= a, b < 2^31 (checked on the host: check_grid) as 32-bit unsigned ops: inline,
+// unlike 64-bit division (a subroutine call). Used once per block or per channel, never per pack.
+__device__ __forceinline__ int64_t div32(int64_t a, int64_t b) {
+  return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+}
+__device__ __forceinline__ int64_t mod32(int64_t a, int64_t b) {
+  return static_cast<uint32_t>(a) % static_cast<uint32_t>(b);
+}
 
 // Geometry of x as the kernels read it (GroupInput, flattened for kernel parameters).
 struct Geom {
@@ -92,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) group_partials_kernel(const scalar_t
   const scalar_t* base;
   int64_t begin, end, n;
   if constexpr (CL) {
-    base = x + (bg / g.G) * g.HW * g.C + (bg % g.G) * g.cpg;
+    base = x + div32(bg, g.G) * g.HW * g.C + mod32(bg, g.G) * g.cpg;
     begin = s * chunk;
     end = min(g.HW, begin + chunk);
     n = (end - begin) * g.cpg;
@@ -161,11 +170,19 @@ struct ApplyArgs {
   ParamRef w, b;
 };
 
-// Block prologue: mean/rstd of groups [g0, g0 + ng) of batch b into shared memory (ng <= kThreads).
-__device__ __forceinline__ void group_moments(const ApplyArgs& a, int64_t b, const Geom& g, int64_t g0, int ng,
-                                              double* s_mean, double* s_rstd) {
+struct ChanGroup {
+  int64_t c, k;  // a channel and its group's index among the block's groups
+};
+
+// Block prologue: mean/rstd (float64) of the flattened groups [bg0, bg0 + ng) (ng <= kThreads), then
+// scale = rstd * w[c], shift = b[c] - mean * scale of the block's n channels into s_sc/s_sh (compute type).
+// chan(i) -> ChanGroup of the block's i-th channel. Ends with __syncthreads.
+template <typename acc_t, typename Chan>
+__device__ __forceinline__ void block_scale_shift(const ApplyArgs& a, int64_t bg0, int ng, int64_t n, Chan chan,
+                                                  acc_t* s_sc, acc_t* s_sh) {
+  __shared__ double s_mean[kThreads], s_rstd[kThreads];
   for (int i = threadIdx.x; i < ng; i += kThreads) {
-    const int64_t bg = b * g.G + g0 + i;
+    const int64_t bg = bg0 + i;
     double s1 = 0, s2 = 0;
     if (a.src.needs_local()) {
       for (int s = 0; s < a.splits; ++s) {
@@ -177,15 +194,14 @@ __device__ __forceinline__ void group_moments(const ApplyArgs& a, int64_t b, con
     s_mean[i] = m.mean;
     s_rstd[i] = m.rstd;
   }
-}
-
-// scale = rstd * w[c], shift = b[c] - mean * scale, in float64, stored in the compute type.
-template <typename acc_t>
-__device__ __forceinline__ void channel_scale_shift(const ApplyArgs& a, int64_t c, double mean, double rstd,
-                                                    acc_t& sc, acc_t& sh) {
-  const double s = rstd * a.w.at(c, 1.0);
-  sc = static_cast<acc_t>(s);
-  sh = static_cast<acc_t>(a.b.at(c, 0.0) - mean * s);
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const ChanGroup cg = chan(i);
+    const double sc = s_rstd[cg.k] * a.w.at(cg.c, 1.0);
+    s_sc[i] = static_cast<acc_t>(sc);
+    s_sh[i] = static_cast<acc_t>(a.b.at(cg.c, 0.0) - s_mean[cg.k] * sc);
+  }
+  __syncthreads();
 }
 
 template <typename scalar_t, typename acc_t, int VEC, bool SILU>
@@ -207,21 +223,16 @@ __global__ void __launch_bounds__(kThreads) apply_nchw_kernel(const scalar_t* __
                                                               scalar_t* __restrict__ y, Geom g, int64_t planes,
                                                               int th_log2, int iters, ApplyArgs a) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ double s_mean[kThreads], s_rstd[kThreads];
   __shared__ acc_t s_sc[kThreads], s_sh[kThreads];
   const int tp = kThreads >> th_log2;
   const int64_t p0 = static_cast<int64_t>(blockIdx.x) * tp;
   const int64_t p1 = min(planes, p0 + tp);
-  // The planes of one block span groups [bg_lo, bg_hi] of the flattened (b, g) index.
-  const int64_t bg_lo = p0 / g.C * g.G + p0 % g.C / g.cpg;
-  const int64_t bg_hi = (p1 - 1) / g.C * g.G + (p1 - 1) % g.C / g.cpg;
-  group_moments(a, 0, g, bg_lo, static_cast<int>(bg_hi - bg_lo + 1), s_mean, s_rstd);
-  __syncthreads();
-  for (int i = threadIdx.x; i < p1 - p0; i += kThreads) {
-    const int64_t p = p0 + i, c = p % g.C, k = p / g.C * g.G + c / g.cpg - bg_lo;
-    channel_scale_shift(a, c, s_mean[k], s_rstd[k], s_sc[i], s_sh[i]);
-  }
-  __syncthreads();
+  // The planes (b, c) of one block span the flattened groups b*G + c/cpg in [bg_lo, bg_hi].
+  auto group_of = [&](int64_t p) { return div32(p, g.C) * g.G + div32(mod32(p, g.C), g.cpg); };
+  const int64_t bg_lo = group_of(p0);
+  block_scale_shift(a, bg_lo, static_cast<int>(group_of(p1 - 1) - bg_lo + 1), p1 - p0,
+                    [&](int64_t i) { return ChanGroup{mod32(p0 + i, g.C), group_of(p0 + i) - bg_lo}; },
+                    s_sc, s_sh);
   const int row = threadIdx.x >> th_log2, th = 1 << th_log2;
   if (p0 + row >= p1) return;
   acc_t sc[VEC], sh[VEC];
@@ -245,19 +256,14 @@ __global__ void __launch_bounds__(kThreads) apply_nhwc_kernel(const scalar_t* __
                                                               scalar_t* __restrict__ y, Geom g, int64_t row_blocks,
                                                               int th_log2, int iters, ApplyArgs a) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ double s_mean[kThreads], s_rstd[kThreads];
   __shared__ acc_t s_sc[kThreads * VEC], s_sh[kThreads * VEC];
   const int th = 1 << th_log2, tp = kThreads >> th_log2;
-  const int64_t b = blockIdx.x / row_blocks, rb = blockIdx.x % row_blocks;  // once per block
+  const int64_t b = div32(blockIdx.x, row_blocks), rb = mod32(blockIdx.x, row_blocks);
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * th * VEC, c1 = min(g.C, c0 + th * VEC);
-  const int64_t g_lo = c0 / g.cpg;
-  group_moments(a, b, g, g_lo, static_cast<int>((c1 - 1) / g.cpg - g_lo + 1), s_mean, s_rstd);
-  __syncthreads();
-  for (int i = threadIdx.x; i < c1 - c0; i += kThreads) {
-    const int64_t k = (c0 + i) / g.cpg - g_lo;
-    channel_scale_shift(a, c0 + i, s_mean[k], s_rstd[k], s_sc[i], s_sh[i]);
-  }
-  __syncthreads();
+  const int64_t g_lo = div32(c0, g.cpg);  // the block's channels span groups [g_lo, (c1 - 1) / cpg] of batch b
+  block_scale_shift(a, b * g.G + g_lo, static_cast<int>(div32(c1 - 1, g.cpg) - g_lo + 1), c1 - c0,
+                    [&](int64_t i) { return ChanGroup{c0 + i, div32(c0 + i, g.cpg) - g_lo}; },
+                    s_sc, s_sh);
   const int col = threadIdx.x & (th - 1);
   if (c0 + col * VEC >= c1) return;
   acc_t sc[VEC], sh[VEC];
@@ -316,7 +322,7 @@ Partials launch_partials(const GroupInput& in, const at::Tensor& into) {
   at::Tensor sums = splits == 1 && into.defined() ? into : at::empty({n_bg, splits, 2}, in.x.options().dtype(at::kDouble));
   const dim3 grid(static_cast<unsigned>(n_bg), static_cast<unsigned>(splits));
   const Geom g{in.C, in.HW, in.G, in.cpg};
-  const FastDiv ppr(static_cast<uint32_t>(in.cpg / vec));
+  const FastDiv ppr(static_cast<uint32_t>(std::max<int64_t>(1, in.cpg / vec)));  // channels_last: packs per row
   const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
   double* out = sums.mutable_data_ptr<double>();
   constexpr int V = kVec<scalar_t>;
@@ -372,8 +378,10 @@ void launch_apply(const GroupInput& in, at::Tensor& out, const ApplyArgs& a) {
 }
 
 void check_grid(const GroupInput& in) {
-  TORCH_CHECK_VALUE(in.B * in.G <= 0x7fffffff && in.cpg * in.HW <= 0x7fffffff && in.C <= 0x7fffffff,
-                    "halodiff: group_norm CUDA kernels need B*G, C and C/G*H*W below 2^31");
+  constexpr int64_t kMax = 0x7fffffff;
+  TORCH_CHECK_VALUE(in.B * in.C <= kMax && in.cpg * in.HW <= kMax && in.B * in.HW <= kMax,
+                    "halodiff: the group_norm CUDA kernels need B*C, B*H*W and C/G*H*W below 2^31 (32-bit "
+                    "block indexing); split the batch");
 }
 
 // group_norm / group_norm_stale: own sums where needed (into `local` when defined), then the apply pass.

@@ -2,8 +2,9 @@
 //   stats: shifted block sums (halodiff.h: unshift_sums) of 2048-element blocks -> float64 (Σx, Σx²)
 //   NCHW:  one task per (b, group): its sums (unless given), then y = x * scale + shift per channel
 //          plane; the group's second read comes from cache.
-//   NHWC:  sums per (b, group) over strided rows of C/G channels, then y = x * scale[c] + shift[c]
-//          along each row of C channels (scale/shift per (b, c) computed once).
+//   NHWC:  per-channel shifted sums along chunks of rows (contiguous, vectorised over C), folded into
+//          float64 group sums in a fixed order; then y = x * scale[c] + shift[c] along each row of C
+//          channels (scale/shift per (b, c) computed once).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -22,6 +23,9 @@ namespace halodiff {
 namespace {
 
 constexpr int64_t kBlock = 2048;  // elements per shifted block
+
+// Tasks of at least ~32K elements, so small tensors stay on one thread.
+int64_t grain(int64_t numel) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, numel)); }
 
 // Adds Σ(x−k), Σ(x−k)² of p[0:n] to (a1, a2) in the opmath type, 8 independent lanes (vectorisable
 // without reassociation flags).
@@ -66,6 +70,20 @@ HALODIFF_AVX2 void add_shifted_avx2(const float* p, int64_t n, float k, float& a
   add_shifted(p + i, n - i, k, a1, a2);
 }
 
+HALODIFF_AVX2 void channel_accumulate_avx2(const float* row, int64_t n, const float* k, float* s1, float* s2) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(row + c), _mm256_loadu_ps(k + c));
+    _mm256_storeu_ps(s1 + c, _mm256_add_ps(_mm256_loadu_ps(s1 + c), d));
+    _mm256_storeu_ps(s2 + c, _mm256_fmadd_ps(d, d, _mm256_loadu_ps(s2 + c)));
+  }
+  for (; c < n; ++c) {
+    const float d = row[c] - k[c];
+    s1[c] += d;
+    s2[c] += d * d;
+  }
+}
+
 HALODIFF_AVX2 void scale_shift_avx2(const float* src, float* dst, int64_t n, float sc, float sh, bool silu) {
   const __m256 vs = _mm256_set1_ps(sc), vh = _mm256_set1_ps(sh);
   int64_t i = 0;
@@ -104,31 +122,71 @@ void shifted(const scalar_t* p, int64_t n, acc_t k, acc_t& a1, acc_t& a2) {
   add_shifted(p, n, k, a1, a2);
 }
 
-// float64 (Σx, Σx²) of group bg, one shifted block of ~kBlock elements at a time.
+// NCHW: float64 (Σx, Σx²) of the contiguous group bg, one shifted block of ~kBlock elements at a time.
 template <typename scalar_t>
 void group_sums(const GroupInput& in, const scalar_t* base, int64_t bg, double& sum, double& sumsq) {
   using acc_t = at::opmath_type<scalar_t>;
   sum = sumsq = 0;
-  if (!in.channels_last) {  // the group is one contiguous run
-    const scalar_t* p = base + bg * in.group_numel();
-    for (int64_t i0 = 0; i0 < in.group_numel(); i0 += kBlock) {
-      const int64_t n = std::min(kBlock, in.group_numel() - i0);
-      const acc_t k = static_cast<acc_t>(p[i0]);
-      acc_t a1 = 0, a2 = 0;
-      shifted(p + i0, n, k, a1, a2);
-      unshift_sums(a1, a2, static_cast<double>(n), k, sum, sumsq);
-    }
-    return;
-  }
-  // channels_last: HW rows of cpg channels, C elements apart.
-  const int64_t b = bg / in.G, g = bg % in.G, rows_per_block = std::max<int64_t>(1, kBlock / in.cpg);
-  const scalar_t* p = base + b * in.HW * in.C + g * in.cpg;
-  for (int64_t r0 = 0; r0 < in.HW; r0 += rows_per_block) {
-    const int64_t r1 = std::min(in.HW, r0 + rows_per_block);
-    const acc_t k = static_cast<acc_t>(p[r0 * in.C]);
+  const scalar_t* p = base + bg * in.group_numel();
+  for (int64_t i0 = 0; i0 < in.group_numel(); i0 += kBlock) {
+    const int64_t n = std::min(kBlock, in.group_numel() - i0);
+    const acc_t k = static_cast<acc_t>(p[i0]);
     acc_t a1 = 0, a2 = 0;
-    for (int64_t r = r0; r < r1; ++r) shifted(p + r * in.C, in.cpg, k, a1, a2);
-    unshift_sums(a1, a2, static_cast<double>((r1 - r0) * in.cpg), k, sum, sumsq);
+    shifted(p + i0, n, k, a1, a2);
+    unshift_sums(a1, a2, static_cast<double>(n), k, sum, sumsq);
+  }
+}
+
+// s1[c] += row[c] - k[c], s2[c] += (row[c] - k[c])^2 along one channels_last row (vectorises over c).
+template <typename scalar_t, typename acc_t>
+void channel_accumulate(const scalar_t* row, int64_t n, const acc_t* k, acc_t* s1, acc_t* s2) {
+#if HALODIFF_CPU_SIMD
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (simd::cpu_has_avx2_fma()) return channel_accumulate_avx2(row, n, k, s1, s2);
+  }
+#endif
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t d = static_cast<acc_t>(row[c]) - k[c];
+    s1[c] += d;
+    s2[c] += d * d;
+  }
+}
+
+constexpr int64_t kRows = 256;  // channels_last rows per shifted block
+
+// channels_last: float64 (Σx, Σx²) of every (b, g) into sums[B*G*2]. Task (b, chunk of kRows rows) keeps
+// per-channel sums shifted by the chunk's first row, unshifts them per channel into the chunk's group partials;
+// chunks are added in order (deterministic).
+template <typename scalar_t>
+void nhwc_sums(const GroupInput& in, const scalar_t* x, double* sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = std::max<int64_t>(1, std::min(in.HW, kRows)), n_chunks = (in.HW + rows - 1) / rows;
+  std::vector<double> part(in.B * n_chunks * in.G * 2, 0.0);
+  at::parallel_for(0, in.B * n_chunks, grain(rows * in.C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> k(in.C), s1(in.C), s2(in.C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / n_chunks, r0 = t % n_chunks * rows, r1 = std::min(in.HW, r0 + rows);
+      const scalar_t* first = x + (b * in.HW + r0) * in.C;
+      for (int64_t c = 0; c < in.C; ++c) {
+        k[c] = static_cast<acc_t>(first[c]);
+        s1[c] = s2[c] = 0;
+      }
+      for (int64_t r = r0; r < r1; ++r) channel_accumulate(x + (b * in.HW + r) * in.C, in.C, k.data(), s1.data(), s2.data());
+      double* p = part.data() + t * in.G * 2;
+      for (int64_t c = 0; c < in.C; ++c)
+        unshift_sums(s1[c], s2[c], static_cast<double>(r1 - r0), k[c], p[2 * (c / in.cpg)], p[2 * (c / in.cpg) + 1]);
+    }
+  });
+  for (int64_t b = 0; b < in.B; ++b) {
+    for (int64_t g = 0; g < in.G; ++g) {
+      double s1 = 0, s2 = 0;
+      for (int64_t ch = 0; ch < n_chunks; ++ch) {
+        s1 += part[((b * n_chunks + ch) * in.G + g) * 2];
+        s2 += part[((b * n_chunks + ch) * in.G + g) * 2 + 1];
+      }
+      sums[(b * in.G + g) * 2] = s1;
+      sums[(b * in.G + g) * 2 + 1] = s2;
+    }
   }
 }
 
@@ -165,9 +223,6 @@ void row_affine(const scalar_t* src, scalar_t* dst, int64_t n, const acc_t* sc, 
   }
 }
 
-// Tasks of at least ~32K elements, so small tensors stay on one thread.
-int64_t grain(int64_t numel) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, numel)); }
-
 // The whole op: sums where needed (written to `local` when defined), moments from `src`, the affine pass.
 template <typename scalar_t>
 void group_norm_kernel(const GroupInput& in, at::Tensor& out, const ParamRef& w, const ParamRef& b,
@@ -176,20 +231,15 @@ void group_norm_kernel(const GroupInput& in, at::Tensor& out, const ParamRef& w,
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
   const int64_t n_bg = in.B * in.G;
-  auto sums_of = [&](int64_t bg, double& s1, double& s2) {
-    s1 = s2 = 0;
-    if (!src.needs_local()) return;
-    group_sums(in, x, bg, s1, s2);
-    if (local != nullptr) {
-      local[2 * bg] = s1;
-      local[2 * bg + 1] = s2;
-    }
-  };
   if (!in.channels_last) {
     at::parallel_for(0, n_bg, grain(in.group_numel()), [&](int64_t begin, int64_t end) {
       for (int64_t bg = begin; bg < end; ++bg) {
-        double s1, s2;
-        sums_of(bg, s1, s2);
+        double s1 = 0, s2 = 0;
+        if (src.needs_local()) group_sums(in, x, bg, s1, s2);
+        if (local != nullptr) {
+          local[2 * bg] = s1;
+          local[2 * bg + 1] = s2;
+        }
         const Moments m = src.moments(bg, s1, s2);
         const int64_t g = bg % in.G;
         for (int64_t c = g * in.cpg; c < (g + 1) * in.cpg; ++c) {
@@ -201,20 +251,22 @@ void group_norm_kernel(const GroupInput& in, at::Tensor& out, const ParamRef& w,
     });
     return;
   }
+  std::vector<double> own;
+  if (src.needs_local()) {
+    own.resize(n_bg * 2);
+    nhwc_sums(in, x, own.data());
+    if (local != nullptr) std::copy(own.begin(), own.end(), local);
+  }
   std::vector<acc_t> scale(in.B * in.C), shift(in.B * in.C);
-  at::parallel_for(0, n_bg, grain(in.group_numel()), [&](int64_t begin, int64_t end) {
-    for (int64_t bg = begin; bg < end; ++bg) {
-      double s1, s2;
-      sums_of(bg, s1, s2);
-      const Moments m = src.moments(bg, s1, s2);
-      const int64_t bb = bg / in.G, g = bg % in.G;
-      for (int64_t c = g * in.cpg; c < (g + 1) * in.cpg; ++c) {
-        const double sc = m.rstd * w.at(c, 1.0);
-        scale[bb * in.C + c] = static_cast<acc_t>(sc);
-        shift[bb * in.C + c] = static_cast<acc_t>(b.at(c, 0.0) - m.mean * sc);
-      }
+  for (int64_t bg = 0; bg < n_bg; ++bg) {
+    const Moments m = src.moments(bg, own.empty() ? 0.0 : own[2 * bg], own.empty() ? 0.0 : own[2 * bg + 1]);
+    const int64_t bb = bg / in.G, g = bg % in.G;
+    for (int64_t c = g * in.cpg; c < (g + 1) * in.cpg; ++c) {
+      const double sc = m.rstd * w.at(c, 1.0);
+      scale[bb * in.C + c] = static_cast<acc_t>(sc);
+      shift[bb * in.C + c] = static_cast<acc_t>(b.at(c, 0.0) - m.mean * sc);
     }
-  });
+  }
   at::parallel_for(0, in.B * in.HW, grain(in.C), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bb = r / in.HW;
@@ -230,6 +282,7 @@ at::Tensor group_stats_cpu(const at::Tensor& x_in, int64_t num_groups) {
   double* o = out.mutable_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_stats_cpu", [&] {
     const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+    if (in.channels_last) return nhwc_sums(in, x, o);
     at::parallel_for(0, in.B * in.G, grain(in.group_numel()), [&](int64_t begin, int64_t end) {
       for (int64_t bg = begin; bg < end; ++bg) group_sums(in, x, bg, o[2 * bg], o[2 * bg + 1]);
     });

@@ -1,19 +1,22 @@
 // CUDA kernels for halodiff::segmented_attention: softmax(q·Kᵀ·scale)·V where K/V are given as a list
 // of segments along the sequence dim. One online-softmax pass (flash-attention forward) walks the
-// segments tile by tile, so the concatenated K/V never exists. One launch per call: the segment table
-// (pointers, lengths, strides of up to kMaxSegments non-empty segments) is a __grid_constant__ kernel
-// parameter, so there is no host-to-device copy.
+// segments tile by tile, so the concatenated K/V never exists. The segment table (pointers, lengths,
+// strides of up to kMaxSegments non-empty segments) is a __grid_constant__ kernel parameter, so there is
+// no host-to-device copy (and the launch is CUDA-graph capturable).
 //
-// Block = 128 threads, one (b, h) and one tile of query rows. It reads its Q tile once, every K/V row
-// of its (b, h) once (all segments, tile by tile through shared memory) and writes its O tile once.
-//   fp16/bf16 (sm_80+): tensor cores, mma.sync m16n8k16 with fp32 accumulation. 4 warps x 16 query
-//     rows; K/V tiles of 64 rows (32 for head dims > 128). Each warp keeps its S = QKᵀ tile, the
-//     probabilities (re-packed in registers as the A operand of P·V) and its O accumulator in registers.
-//   fp32: exact fp32 FMAs (no TF32), 32 query rows per block, 4x4 S micro-tiles per thread, P staged
-//     in shared memory for P·V.
-// Head dims 1..256 (kMaxHeadDim): the kernels are instantiated for padded dims DP (next multiple of 16
-// up to 128, of 32 above); the padding columns are zero in shared memory and never stored. Any B/H/L
-// strides are supported; the last dim must be dense (the Python layer makes other layouts contiguous).
+// fp16/bf16 (sm_80+), two kernels; HALODIFF_ATTENTION_KERNEL=v1|v2 (read once, default v2) picks one:
+//   v2 (segmented_attention_v2.cuh): flash-attention-2 class - ldmatrix from swizzled shared memory,
+//     cp.async double-buffered K/V, 128/64/16-row query tiles, K/V splits with a log-sum-exp merge kernel
+//     for grids that would leave SMs idle, 16-byte output stores. Validated statically (bench/kernel_audit.py,
+//     tests/test_attention_lanes.py); the GPU tests are tests/test_segmented_attention_cuda.py.
+//   v1 (below, the previous kernel, kept selectable until a GPU run has validated v2): 128 threads, 4 warps
+//     x 16 query rows, mma.sync m16n8k16 with operands read by scalar shared loads, synchronous K/V tiles.
+// fp32 (both): exact fp32 FMAs (no TF32), 32 query rows per block, 4x4 S micro-tiles per thread, P staged
+//   in shared memory for P·V.
+// Every block reads its Q tile once, each K/V row of its (b, h) (and split) once, and writes its O tile
+// once. Head dims 1..256 (kMaxHeadDim): kernels are instantiated for padded dims DP (next multiple of 16 up
+// to 128, of 32 above); padding columns are zero in shared memory and never stored. Any B/H/L strides are
+// supported; the last dim must be dense (the Python layer makes other layouts contiguous).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>

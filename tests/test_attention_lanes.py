@@ -311,9 +311,11 @@ def _tile(hd, bh, lq, dp, sms=132):
 def test_heuristics_at_patch_parallel_shapes(hd):
     """SD1.5 on 4 ranks, batch 2 (CFG), 8 heads: per-rank rows 1024/256/64/16 with head dims 40/80/160/160."""
     bh = 16
-    assert _tile(hd, bh, 1024, 48) == (4, 2)  # 128 rows x 8 = 128 blocks; splits bring ~2 per SM
-    assert _tile(hd, bh, 16, 160) == (1, 1)
-    assert _tile(hd, bh, 64, 160) == (1, 1)
+    assert _tile(hd, bh, 1024, 48) == (4, 2)  # 128 blocks of 128 rows; splits add the rest
+    assert _tile(hd, bh, 256, 80) == (4, 1)
+    assert _tile(hd, bh, 64, 160) == (4, 1)
+    assert _tile(hd, bh, 16, 160) == (1, 1)  # a 64-row tile would be 3/4 empty
+    assert _tile(hd, bh, 512, 64) == (4, 1)  # 64 blocks of 128 rows would leave half the SMs without one
     assert _tile(hd, bh, 4096, 256) == (4, 1)
     assert _tile(hd, bh, 8, 256) == (4, 1)  # no 16-row tile above head dim 160
     for dp in PADDED_DIMS:

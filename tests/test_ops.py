@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_device
+from kernel_utils import AtenOps, triton_module
 from halodiff import ops
 from halodiff.ops import reference
 
@@ -179,27 +180,14 @@ def test_halo_pack_many_tensors(backend):
 def test_triton_halo_pack_has_no_host_table(monkeypatch):
     """Tensors travel as scalar kernel arguments, 8 per launch: no torch.tensor(list) per call, only the
     launches and the output allocation."""
-    import importlib
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from halodiff.triton_kernels import _common
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
-    hp = importlib.import_module("halodiff.triton_kernels.halo_pack")
+    hp = triton_module("halo_pack")
     calls = []
     monkeypatch.setattr(_common, "launch", lambda kernel, grid, *a, **k: calls.append(k))
     ts = [torch.randn(2, 4, 6, 16) for _ in range(10)]
     out = torch.empty(10 * 2 * 4 * 3 * 16)
-    with Ops() as rec:
+    with AtenOps() as rec:
         hp.halo_pack(ts, [1] * 10, [2] * 10, out)
         hp.halo_pack(ts[:3], [1] * 3, [2] * 3, None)
     assert [c["NSEG"] for c in calls] == [8, 2, 3] and calls[0]["ALIGN"] == 4  # 16-byte units of fp32

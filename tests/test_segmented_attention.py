@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_CUDA, run_device
+from kernel_utils import AtenOps, triton_module
 from halodiff import BackendUnavailableError, ops
 from halodiff._native import native
 from halodiff.ops import reference
@@ -305,16 +306,9 @@ def test_cuda_compile_triton_op():
         torch.testing.assert_close(compiled(q, ks, vs), f(q, ks, vs))
 
 
-def _triton_module(name: str):
-    """halodiff.triton_kernels.<name> (the package attribute of that name is the launcher function)."""
-    import importlib
-
-    return importlib.import_module(f"halodiff.triton_kernels.{name}")
-
-
 def test_triton_head_dim_padding_is_a_multiple_of_16():
     """Head dims pad to a multiple of 16 (not a power of two), as at most three power-of-two dot pieces."""
-    pieces = _triton_module("segmented_attention").head_dim_pieces
+    pieces = triton_module("segmented_attention").head_dim_pieces
     assert pieces(40) == (32, 16, 0) and pieces(64) == (64, 0, 0) and pieces(80) == (64, 16, 0)
     assert pieces(100) == (64, 32, 16) and pieces(160) == (128, 32, 0) and pieces(24) == (32, 0, 0)
     for d in range(1, 257):
@@ -327,24 +321,13 @@ def test_triton_head_dim_padding_is_a_multiple_of_16():
 def test_triton_launcher_has_no_host_tables(monkeypatch, lens, launches):
     """Segments travel as scalar kernel arguments, SLOTS per launch: no torch.tensor(list) per call (no host to
     device copy), only allocations and views besides the launches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from halodiff.triton_kernels import _common
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
-    sa = _triton_module("segmented_attention")
+    sa = triton_module("segmented_attention")
     calls = []
     monkeypatch.setattr(_common, "launch", lambda kernel, grid, *a, **k: calls.append(k))
     q, ks, vs = _inputs(1, 2, 9, 40, lens, "cpu")
-    with Ops() as rec:
+    with AtenOps() as rec:
         sa.segmented_attention_impl(q, ks, vs, 0.2)
     assert len(calls) == launches
     n = sum(1 for x in lens if x)  # empty segments are skipped

@@ -365,7 +365,7 @@ def group_norm_stale(x, num_groups, weight, bias, eps, silu, stale_global, stale
 
 def _sig(fn, ptrs: dict[str, str], fp32: tuple[str, ...] = ()) -> dict[str, str]:
     """Signature of `fn`: the given pointer types, float32 scalars, constexprs, i32 for the rest."""
-    consts = {n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr}
+    consts = {n for n, a in fn.fn.__annotations__.items() if "constexpr" in str(a)}  # jit or interpreted
     return {n: ptrs.get(n) or ("constexpr" if n in consts else "fp32" if n in fp32 else "i32") for n in fn.arg_names}
 
 

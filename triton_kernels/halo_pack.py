@@ -31,10 +31,13 @@ def _copy_rows(src, out_ptr, r0, outer, s_outer, s_row, rows, row_len, top, bott
     o = (r // per).to(tl.int64)
     k = r % per
     is_top = k < top
+    # Offsets in units of ALIGN elements, times ALIGN last (after the select), so Triton sees the alignment.
+    src_u = o * s_outer + tl.where(is_top, k, rows - bottom + (k - top)).to(tl.int64) * s_row
+    dst_u = tl.where(is_top, tl.cast(top_off, tl.int64) + (o * top + k) * row_len,
+                     tl.cast(bot_off, tl.int64) + (o * bottom + (k - top)) * row_len)
+    src_off = src_u * ALIGN
+    dst_off = dst_u * ALIGN
     row_len = row_len * ALIGN
-    src_off = o * s_outer * ALIGN + tl.where(is_top, k, rows - bottom + (k - top)).to(tl.int64) * s_row * ALIGN
-    dst_off = tl.where(is_top, tl.cast(top_off, tl.int64) * ALIGN + (o * top + k) * row_len,
-                       tl.cast(bot_off, tl.int64) * ALIGN + (o * bottom + (k - top)) * row_len)
     for c in range(0, row_len, BLOCK_W):
         cols = c + tl.arange(0, BLOCK_W)
         m = rmask[:, None] & (cols < row_len)[None, :]
@@ -85,24 +88,16 @@ def _pack(out_ptr,
                    ALIGN, BLOCK_R, BLOCK_W)
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """t if its last dim is dense and its leading dims flatten to one stride (as the native kernels need),
-    else a contiguous copy."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return t.contiguous()
-    expect = None
-    for d in range(t.dim() - 3, -1, -1):
-        if t.shape[d] == 1:
-            continue
-        if expect is not None and t.stride(d) != expect:
-            return t.contiguous()
-        expect = t.stride(d) * t.shape[d]
-    return t
-
-
 def _outer(t: torch.Tensor) -> tuple[int, int]:
-    """(number of leading indices, stride between consecutive ones) of a `_flat` tensor."""
+    """(number of leading indices, stride between consecutive ones) of t's leading dims, which must flatten to
+    one stride with a dense last dim (halodiff.ops passes such tensors)."""
     lead = [d for d in range(t.dim() - 2) if t.shape[d] != 1]
+    for inner, outer in zip(lead[1:], lead):
+        if t.stride(outer) != t.stride(inner) * t.shape[inner]:
+            raise ValueError(f"halo_pack: leading dims of a {tuple(t.shape)} tensor with strides {t.stride()} do not "
+                             "flatten to one stride; pass t.contiguous()")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"halo_pack: the last dim must be dense, got strides {t.stride()}; pass t.contiguous()")
     return int(torch.Size(t.shape[:-2]).numel()), t.stride(lead[-1]) if lead else 0
 
 
@@ -114,7 +109,7 @@ def _block(rows: int, row_len: int) -> tuple[int, int]:
 
 def halo_pack(tensors: list[torch.Tensor], tops: list[int], bottoms: list[int], out: torch.Tensor | None):
     dtype = kernel_dtype(tensors[0])
-    srcs = [_flat(t.to(dtype)) for t in tensors]
+    srcs = [t.to(dtype) for t in tensors]
     segs, offset = [], 0
     for t, a in zip(srcs, tops):
         outer, s_outer = _outer(t)

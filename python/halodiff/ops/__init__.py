@@ -97,8 +97,9 @@ def group_norm_stale(
     last step's sums of this band, both float64 [B, G, 2]) over `count` elements per group:
     mean = est₁/count, var = est₂/count − mean², and where var < 0 the band's own variance
     (local over its C/G·h·w elements) with that mean. y = (x − mean)·rsqrt(var + eps)·w + b, then SiLU
-    if `silu`; x's dtype, channels_last when x is. CUDA: ≤ 3 launches (stats partials, their reduction
-    into `local`, the apply pass); Triton: 3; native CPU: one pass over x for the sums, one for y.
+    if `silu`; x's dtype, channels_last when x is. CUDA and Triton: 2-3 launches (statistics partials,
+    their reduction into `local` when a group spans several blocks, the apply pass); native CPU: one
+    pass over x for the sums and one for y.
     """
     x, num_groups = _v.group_input(x, num_groups)
     _v.affine(weight, x, "weight")
@@ -278,8 +279,17 @@ def _packable(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _packable_inputs(impl):
+    """The CUDA, CPU and Triton packs read each tensor as [outer, rows, W] with one outer stride."""
+
+    def call(tensors, tops, bottoms, out):
+        return impl([_packable(t) for t in tensors], tops, bottoms, out)
+
+    call.__name__ = impl.__name__
+    return call
+
+
 def _native_halo_pack(tensors, tops, bottoms, out):
-    tensors = [_packable(t) for t in tensors]
     if out is None:
         return torch.ops.halodiff.halo_pack(tensors, tops, bottoms)
     torch.ops.halodiff.halo_pack_into(tensors, tops, bottoms, out)
@@ -305,9 +315,10 @@ for _backend in ("cuda", "cpu"):
     register("group_stats", _backend)(_native_group_stats)
     register("group_norm", _backend)(_native_group_norm)
     register("group_norm_stale", _backend)(_native_group_norm_stale)
-    register("halo_pack", _backend)(_native_halo_pack)
-for _name in ("group_stats", "group_norm", "group_norm_stale", "halo_pack"):
+    register("halo_pack", _backend)(_packable_inputs(_native_halo_pack))
+for _name in ("group_stats", "group_norm", "group_norm_stale"):
     register(_name, "triton")(_triton(_name))
+register("halo_pack", "triton")(_packable_inputs(_triton("halo_pack")))
 register("group_stats", "reference")(reference.group_stats)
 register("group_norm", "reference")(reference.group_norm)
 register("group_norm_stale", "reference")(reference.group_norm_stale)
