@@ -63,11 +63,17 @@ step checks 120 $PY bench/gpu_suite.py checks "$OUT/checks.json"
 # 5. Kernel benchmarks: per-rank SD1.5/SDXL shapes, 2/4/8 ranks, vs torch.cat + SDPA (flash) and F.group_norm + F.silu.
 step kernel_bench 150 $PY bench/gpu_suite.py bench "$OUT/kernel_bench.json"
 
-# 6. >>> LEAD HOOK: engine checks (issue 12) go here, each writing $OUT/<name>.json <<<
-#    - CUDA-graph capture of a patched step:  step graph_capture 120 $PY -m ... "$OUT/graph_capture.json"
-#    - single-GPU SD1.5-architecture step (fp16), unpatched vs DeepCache (needs diffusers):
-#      step e2e_step 120 $PY -m ... "$OUT/e2e_step.json"
-# >>> END LEAD HOOK <<<
+# 6. Engine (needs diffusers): CUDA-graph capture of patched steps (every step kind; outputs vs eager, no host
+#    sync in steady steps) and the single-GPU SD1.5-architecture step (fp16), unpatched vs DeepCache.
+if $PY -c "import diffusers" 2>/dev/null; then
+  step graph_capture 120 $PY bench/gpu_engine.py graphs --json "$OUT/graph_capture.json"
+  step e2e_step 120 $PY bench/gpu_engine.py step --json "$OUT/e2e_step.json"
+else
+  for name in graph_capture e2e_step; do
+    echo '{"skipped": "diffusers is not installed on this machine (put its wheels in wheels/ to run this step)"}' \
+      >"$OUT/$name.json"
+  done
+fi
 
 # 7. Projected N-GPU speedup from this one GPU (needs diffusers for the UNet).
 if $PY -c "import diffusers" 2>/dev/null; then
@@ -81,7 +87,7 @@ fi
 SM=${CAP/./}
 step audit 120 $PY bench/kernel_audit.py --out "$OUT/audit" --arch "$SM" --only cuda
 
-PARTS=("$OUT/checks.json" "$OUT/kernel_bench.json" "$OUT/project_gpus.json" "${STEPS[@]}")
+PARTS=("$OUT/checks.json" "$OUT/kernel_bench.json" "$OUT/project_gpus.json" "$OUT/graph_capture.json" "$OUT/e2e_step.json" "${STEPS[@]}")
 [ -f "$OUT/sanitizer.json" ] && PARTS+=("$OUT/sanitizer.json")
 $PY bench/gpu_suite.py merge "$OUT/gpu_suite.json" "${PARTS[@]}"
 echo "== $OUT/gpu_suite.json; failed steps: ${FAILED[*]:-none}"

@@ -192,3 +192,68 @@ def test_steady_steps_allocate_nothing_in_the_comm_layer_and_read_nothing_on_the
         if i >= 1:  # step 0 traces the model and lays out the slots once
             assert allocs == 0, f"step {i}: the comm layer allocated {allocs} tensors ({ops})"
     assert all(a == addresses[0] for a in addresses), "comm buffers moved between steps"
+
+
+def _schedule_worker(rank, world, mode):
+    unet = tiny_sd15_unet().double()
+    lat, cond = (t.double() for t in _inputs())
+    outs = {}
+    for name, checkpoint, join in (("every layer", 1, False), ("every 8", 8, False), ("at end", 0, False),
+                                   ("every 8, joined", 8, True)):
+        halodiff.patch(unet, ParallelConfig(mode=mode, warmup_steps=1, split_cfg=False, comm_checkpoint=checkpoint))
+        halodiff.parallel.context(unet).models["unet"].comm.join_at_end = join
+        outs[name] = denoise(unet, lat, cond, 4)
+        messages = halodiff.comm_stats(unet).messages
+        halodiff.unpatch(unet)
+        outs[name + " messages"] = messages
+    return outs
+
+
+@pytest.mark.parametrize("mode", ["distrifusion", "pcpp"])
+def test_posting_schedule_does_not_change_the_result(mode):
+    """When the boundary data is posted (every layer, every 8 layers, at the end of the step) and when it is
+    waited for (where the next step reads it, or at the end of every step as in CUDA-graph mode) changes only
+    the overlap, never the numbers."""
+    for outs in run_ranks(_schedule_worker, 2, mode):
+        ref = outs["every layer"]
+        for name in ("every 8", "at end", "every 8, joined"):
+            assert torch.equal(outs[name], ref), name
+        assert outs["every layer messages"] > outs["every 8 messages"] > outs["at end messages"]
+
+
+class _AllOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["distrifusion", "pcpp"])
+def test_async_step_dispatches_at_most_1_25x_the_unpatched_ops(mode):
+    """The host path of a steady async step (one simulated rank of 2, SD1.5 block structure): dispatcher ops
+    (views included) <= 1.25x the unpatched UNet call's. bench/host_path.py reports the numbers."""
+    from diffusers import DDIMScheduler
+
+    unet = tiny_sd15_unet()
+    lat, cond = _inputs(H=32)
+    x = torch.cat([lat, lat])
+    sched = DDIMScheduler(num_train_timesteps=1000)
+
+    def ops_of_step(index: int) -> int:
+        sched.set_timesteps(6)
+        counts = []
+        with torch.no_grad():
+            for t in sched.timesteps:
+                with _AllOps() as c:
+                    unet(x, t, encoder_hidden_states=cond)
+                counts.append(c.ops)
+        return counts[index]
+
+    base = ops_of_step(3)
+    halodiff.parallel.simulate(unet, ParallelConfig(mode=mode, warmup_steps=2, split_cfg=False), 2, 0, scheduler=sched)
+    patched = ops_of_step(3)  # a steady async step (not the last)
+    halodiff.unpatch(unet)
+    assert patched <= 1.25 * base, (patched, base, patched / base)

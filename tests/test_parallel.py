@@ -288,3 +288,36 @@ def _run_with_dead_rank():
                 raise TimeoutError("rank hung")
         with open(os.path.join(out_dir, "rank0.pkl"), "rb") as f:
             return [pickle.load(f)]
+
+
+# --------------------------------------------------------------------------------- process groups
+def _independent_groups_worker(rank, world):
+    """Ranks {0, 1} and {2, 3} each patch their own pipeline on their own (user) group, at the same time,
+    with the CFG split (halodiff creates its groups on the members only); every group is gone after unpatch."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    pair = [0, 1] if rank < 2 else [2, 3]
+    group = dist.new_group(pair, use_local_synchronization=True)
+    before = len(c10d._world.pg_map)
+    unet = tiny_sd15_unet().double()
+    seed = 0 if rank < 2 else 1  # the two pairs run different images
+    g = torch.Generator().manual_seed(seed)
+    lat, cond = torch.randn(1, 4, 32, 32, generator=g).double(), torch.randn(2, 8, CROSS_DIM, generator=g).double()
+    ref = denoise(unet, lat, cond, 3)
+    out = {}
+    for split in (False, True):
+        halodiff.patch(unet, ParallelConfig(mode="sync", split_cfg=split), group=group)
+        out[split] = denoise(unet, lat, cond, 3)
+        during = len(c10d._world.pg_map)
+        halodiff.unpatch(unet)
+        out[f"groups {split}"] = (during - before, len(c10d._world.pg_map) - before)
+    return ref, out
+
+
+def test_independent_patch_groups_and_group_cleanup():
+    for ref, out in run_ranks(_independent_groups_worker, 4):
+        for split in (False, True):
+            assert _rel(out[split], ref) <= TOL
+            created, left = out[f"groups {split}"]
+            assert created > 0 and left == 0, (split, created, left)

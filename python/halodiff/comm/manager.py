@@ -137,6 +137,7 @@ class CommManager:
         self._inflight: list[_Message] = []  # every posted message not known to be complete
         self._by_key: dict[str, _Message] = {}  # layer -> the message carrying its data for the next step
         self.join_at_end = False
+        self._deferred: list[tuple] = []  # all-gathers posted by end_step (checkpoint == 0)
         self._rows_pending = _Pending()
         self._sums_pending = _Pending()
         self.sending = False  # this async step sends its data (False on the last step)
@@ -182,6 +183,7 @@ class CommManager:
 
     def reset(self) -> None:
         """A new generation starts with sync steps: nothing may stay in flight."""
+        self._deferred.clear()
         self.join()
         self._rows_pending = _Pending()
         self._sums_pending = _Pending()
@@ -256,8 +258,14 @@ class CommManager:
                    payload_received: int, payload_sent: int, key: str | None = None) -> None:
         """Gather `inp` of every rank into `out` ([n, *inp.shape], contiguous); payload_* are the unpadded
         bytes for the counter. With `key`: posted for the next step, which waits for it in `arrive(key)`."""
+        if key is not None and not self.checkpoint:  # everything of the step is posted when it ends
+            self._deferred.append((out, inp, topo, kind, payload_received, payload_sent, key))
+            return
+        self._all_gather(out, inp, topo, kind, payload_received, payload_sent, key)
+
+    def _all_gather(self, out, inp, topo: Topology, kind: str, received: int, sent: int, key: str | None) -> None:
         works = self._start_all_gather(out.view(-1), inp.view(-1), topo.group)
-        self.stats.add(kind, payload_received, payload_sent, messages=len(works))
+        self.stats.add(kind, received, sent, messages=len(works))
         if key is not None:
             self._posted(works, f"all-gather ({kind}, {key})", (key,))
             return
@@ -410,6 +418,9 @@ class CommManager:
     def end_step(self, topo: Topology) -> None:
         """End of a step: post what is still queued (joined here with `join_at_end`, else where it is read)."""
         if self.sending:
+            deferred, self._deferred = self._deferred, []
+            for args in deferred:
+                self._all_gather(*args)
             self._post_rows(topo)
             self._post_sums(topo)
         self.sending = False
