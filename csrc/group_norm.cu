@@ -428,8 +428,9 @@ at::Tensor group_norm_cuda(const at::Tensor& x_in, int64_t num_groups, const c10
   at::Tensor out = empty_group_output(in);
   if (out.numel() == 0) return out;
   check_grid(in);
+  const c10::optional<at::Tensor> st = contiguous_sums(stats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_norm_cuda", [&] {
-    run_group_norm<scalar_t>(in, out, stats_source(in, stats, count, eps), silu, weight, bias, at::Tensor());
+    run_group_norm<scalar_t>(in, out, stats_source(in, st, count, eps), silu, weight, bias, at::Tensor());
   });
   return out;
 }
@@ -447,8 +448,9 @@ std::tuple<at::Tensor, at::Tensor> group_norm_stale_cuda(const at::Tensor& x_in,
   if (local.numel() == 0) return {out, local};
   if (out.numel() == 0) return {out, local.zero_()};
   check_grid(in);
+  const at::Tensor sg = stale_global.contiguous(), sl = stale_local.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_norm_stale_cuda", [&] {
-    run_group_norm<scalar_t>(in, out, stale_source(in, stale_global, stale_local, count, eps), silu, weight, bias,
+    run_group_norm<scalar_t>(in, out, stale_source(in, sg, sl, count, eps), silu, weight, bias,
                              local);
   });
   return {out, local};

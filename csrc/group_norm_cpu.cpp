@@ -297,7 +297,8 @@ at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t num_groups, const c10:
   const GroupInput in = group_input(x_in, num_groups);
   at::Tensor out = empty_group_output(in);
   if (out.numel() == 0) return out;
-  const StatsSource src = stats_source(in, stats, count, eps);
+  const c10::optional<at::Tensor> st = contiguous_sums(stats);
+  const StatsSource src = stats_source(in, st, count, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_norm_cpu", [&] {
     group_norm_kernel<scalar_t>(in, out, param_ref(weight), param_ref(bias), src, silu, nullptr);
   });
@@ -314,7 +315,8 @@ std::tuple<at::Tensor, at::Tensor> group_norm_stale_cpu(const at::Tensor& x_in, 
   at::Tensor out = empty_group_output(in);
   at::Tensor local = empty_group_sums(in);
   if (local.numel() == 0) return {out, local};
-  const StatsSource src = stale_source(in, stale_global, stale_local, count, eps);
+  const at::Tensor sg = stale_global.contiguous(), sl = stale_local.contiguous();
+  const StatsSource src = stale_source(in, sg, sl, count, eps);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_norm_stale_cpu", [&] {
     group_norm_kernel<scalar_t>(in, out, param_ref(weight), param_ref(bias), src, silu,
                                 local.mutable_data_ptr<double>());

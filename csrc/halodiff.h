@@ -42,6 +42,8 @@ struct GroupInput {
 GroupInput group_input(const at::Tensor& x, int64_t num_groups);
 at::Tensor empty_group_output(const GroupInput& in);
 at::Tensor empty_group_sums(const GroupInput& in);  // float64 [B, G, 2]
+// An optional sums tensor made contiguous (no copy when it already is).
+c10::optional<at::Tensor> contiguous_sums(const c10::optional<at::Tensor>& s);
 
 // A per-channel affine parameter (weight or bias) read in its own dtype: no cast kernel.
 struct ParamRef {
@@ -106,6 +108,7 @@ struct StatsSource {
     return {mean, 1.0 / sqrt(var + eps)};
   }
 };
+// The sums tensors must be contiguous (callers pass .contiguous() copies and keep them alive for the launch).
 StatsSource stats_source(const GroupInput& in, const c10::optional<at::Tensor>& stats, double count, double eps);
 StatsSource stale_source(const GroupInput& in, const at::Tensor& stale_global, const at::Tensor& stale_local,
                          double count, double eps);

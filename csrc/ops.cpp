@@ -150,6 +150,11 @@ at::Tensor empty_group_sums(const GroupInput& in) {
   return at::empty({in.B, in.G, 2}, in.x.options().dtype(at::kDouble));
 }
 
+c10::optional<at::Tensor> contiguous_sums(const c10::optional<at::Tensor>& s) {
+  if (!s.has_value() || !s->defined()) return c10::nullopt;
+  return s->contiguous();
+}
+
 ParamRef param_ref(const c10::optional<at::Tensor>& p) {
   ParamRef r;
   if (!p.has_value() || !p->defined()) return r;
@@ -171,7 +176,7 @@ StatsSource stats_source(const GroupInput& in, const c10::optional<at::Tensor>& 
   src.eps = eps;
   src.n_local = static_cast<double>(in.group_numel());
   if (stats.has_value() && stats->defined()) {
-    TORCH_CHECK_VALUE(stats->is_contiguous(), "halodiff: stats must be contiguous; pass stats.contiguous()");
+    TORCH_INTERNAL_ASSERT(stats->is_contiguous());
     src.given = stats->const_data_ptr<double>();
     src.count = count;
   }
@@ -180,8 +185,7 @@ StatsSource stats_source(const GroupInput& in, const c10::optional<at::Tensor>& 
 
 StatsSource stale_source(const GroupInput& in, const at::Tensor& stale_global, const at::Tensor& stale_local,
                          double count, double eps) {
-  TORCH_CHECK_VALUE(stale_global.is_contiguous() && stale_local.is_contiguous(),
-                    "halodiff: stale_global and stale_local must be contiguous; pass .contiguous()");
+  TORCH_INTERNAL_ASSERT(stale_global.is_contiguous() && stale_local.is_contiguous());
   StatsSource src;
   src.eps = eps;
   src.n_local = static_cast<double>(in.group_numel());

@@ -264,3 +264,16 @@ def test_triton_launch_counts(monkeypatch, splits_sms):
                 call()
             assert len(launches) == want <= 3, f"{name}: {launches}"
             assert set(rec.names) <= {"empty", "empty_like", "empty_strided"}, (name, rec.names)
+
+
+def test_strided_weight_and_stats_views(backend):
+    """weight/bias as strided views and stats as a non-contiguous view are read correctly."""
+    dev = run_device(backend)
+    x = torch.randn(2, 12, 4, 5, device=dev)
+    wb = torch.randn(24, device=dev)
+    w, b = wb[::2], wb[1::2]
+    s = reference.group_stats(x, 3)
+    s_t = s.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    with ops.use_backend(backend):
+        y = ops.group_norm(x, 3, w, b, stats=s_t, count=80.0)
+    torch.testing.assert_close(y, F.group_norm(x, 3, w, b), rtol=1e-5, atol=2e-5)

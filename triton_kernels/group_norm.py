@@ -345,7 +345,8 @@ def _(x, num_groups, weight, bias, eps, silu, stale_global, stale_local, count):
 
 
 def _param(p: torch.Tensor | None) -> torch.Tensor | None:
-    return None if p is None else p.to(kernel_dtype(p))
+    """weight/bias as the kernel indexes them: its own dtype (fp32 for bf16 under the interpreter), stride 1."""
+    return None if p is None else p.to(kernel_dtype(p)).contiguous()
 
 
 def group_stats(x: torch.Tensor, num_groups: int) -> torch.Tensor:
