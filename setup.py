@@ -1,10 +1,11 @@
-"""Build for halodiff: the Python package, the Triton kernels and the native extension `halodiff._C`.
+"""Build for halodiff: the Python package, the Triton kernels and two native extensions.
 
-- With a CUDA build of torch and a CUDA toolkit >= 12.1 (CUDA_HOME), compiles csrc/*.cpp + csrc/*.cu for
-  TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"). `SKIP_CUDA_BUILD=1` builds the CPU ops only.
-- With a CPU-only torch, builds the CPU ops only.
-- `HALODIFF_SKIP_NATIVE=1` builds no extension at all (ops fall back to Triton/reference).
-Install with `pip install --no-build-isolation .` so the extension is built against the installed torch.
+- `halodiff._C`: the op schemas and the CPU kernels (csrc/*.cpp). Always built (unless HALODIFF_SKIP_NATIVE=1).
+- `halodiff._C_cuda`: the CUDA kernels (csrc/*.cu), with a CUDA build of torch and a CUDA toolkit >= 12.1
+  (CUDA_HOME), for TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"). `SKIP_CUDA_BUILD=1` skips it: a machine
+  without a GPU builds only what it can run, in a fraction of the time (`make demo` does this).
+Two extensions so the CPU one is reused when the CUDA one is added later (`make test` after `make demo`).
+Install with `pip install --no-build-isolation .` so the extensions are built against the installed torch.
 """
 from __future__ import annotations
 
@@ -38,14 +39,27 @@ def _check_cuda_toolkit(cuda_home: str) -> None:
                          f"{m.group(0)} at {cuda_home}; install a newer toolkit or build with SKIP_CUDA_BUILD=1")
 
 
+def _torch():
+    """The installed torch, or stop at once: under pip's build isolation torch is not importable (and would be
+    a multi-GB download of another build, whose ABI then mismatches the installed one)."""
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("halodiff: torch is not importable while building (pip's build isolation hides the "
+                         "installed torch): install with `pip install --no-build-isolation .`, or set "
+                         "HALODIFF_SKIP_NATIVE=1 for a Python-only install") from None
+    return torch
+
+
 def native_extensions() -> tuple[list, dict]:
     if _flag("HALODIFF_SKIP_NATIVE"):
         return [], {}
-    import torch
+    torch = _torch()
     from torch.utils import cpp_extension
 
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    cu_sources = sorted(glob.glob("csrc/*.cu"))
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))  # schemas, shared checks, CPU kernels, module shell
+    # the CUDA extension compiles the shared checks and the module shell again, from its own paths (csrc/cuda/)
+    cu_sources = sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
     with_cuda = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None and not _flag("SKIP_CUDA_BUILD")
     cxx = ["-O3"]
     # ATen's parallel_for is an OpenMP region compiled into each caller: without -fopenmp the CPU
@@ -64,24 +78,24 @@ def native_extensions() -> tuple[list, dict]:
         include_dirs = [
             d for d in glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include"))
         ]
+    exts = [cpp_extension.CppExtension(
+        "halodiff._C",
+        cpp_sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
+    )]
+    if with_cuda:
         macros = [("HALODIFF_WITH_CUDA", None), ("HALODIFF_CUDA_ARCHS", f'"{archs}"')]
-        ext = cpp_extension.CUDAExtension(
-            "halodiff._C",
-            cpp_sources + cu_sources,
+        exts.append(cpp_extension.CUDAExtension(
+            "halodiff._C_cuda",
+            cu_sources,
             include_dirs=[os.path.join(ROOT, "csrc")] + include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link,
-        )
-    else:
-        ext = cpp_extension.CppExtension(
-            "halodiff._C",
-            cpp_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=link,
-        )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+        ))
+    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = native_extensions()

@@ -144,7 +144,7 @@ def checks() -> dict:
 
     def v1_v2_agree():
         if not _native():
-            return {"skipped": "no CUDA build of halodiff._C"}
+            return {"skipped": "no CUDA build of halodiff (halodiff._C_cuda)"}
         q, ks, vs = attn_inputs(2, 8, 64, 300, [300, 77, 300])
         a = torch.ops.halodiff._segmented_attention_cuda(q, ks, vs, None, 1, 0, 0)
         b = torch.ops.halodiff._segmented_attention_cuda(q, ks, vs, None, 2, 0, 0)

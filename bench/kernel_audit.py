@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Static audit of halodiff's GPU kernels: what the compiled code does, proven without a GPU.
 
-CUDA kernels: the SASS of the built extension `halodiff._C` per arch (`cuobjdump -sass/-res-usage/-elf`),
+CUDA kernels: the SASS of the built extension `halodiff._C_cuda` per arch (`cuobjdump -sass/-res-usage/-elf`),
 or, for an arch the extension lacks, `nvcc -cubin` of csrc/*.cu (cached under build/kernel_audit/ by source
 hash). Triton kernels: compiled ahead of time (`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
 32))`) from each `triton_kernels/*.py` module's `audit_configs()` (see TRITON CONTRACT below), then the same
@@ -516,13 +516,14 @@ def sd_label(head_dim: str) -> str:
 
 
 def extension_path() -> Path | None:
-    for p in sorted((ROOT / "python" / "halodiff").glob("_C*.so")):
+    """The built CUDA extension (halodiff._C_cuda)."""
+    for p in sorted((ROOT / "python" / "halodiff").glob("_C_cuda*.so")):
         return p
     try:
         sys.path.insert(0, str(ROOT / "python"))
         from halodiff._native import native
 
-        return Path(native().path) if native().path else None
+        return Path(native().cuda_path) if native().cuda_path else None
     except Exception:  # noqa: BLE001 - no extension is a reason, not an error
         return None
 

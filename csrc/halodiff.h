@@ -131,5 +131,7 @@ struct HaloSegment {
 std::vector<HaloSegment> halo_plan(at::TensorList tensors, at::IntArrayRef top,
                                    at::IntArrayRef bottom, int64_t* total);
 void check_pack_out(const at::Tensor& out, at::TensorList tensors, int64_t total);
+// q [B, H, Lq, D] and K/V segments [B, H, Lk_i, D] of one dtype and device; scale finite and > 0.
+void check_segmented_attention(const at::Tensor& q, at::TensorList ks, at::TensorList vs, c10::optional<double> scale);
 
 }  // namespace halodiff

@@ -481,7 +481,6 @@ at::Tensor aligned_rows(const at::Tensor& t, int64_t vec) {
 }  // namespace
 
 // Defined in segmented_attention_cpu.cpp (the argument checks shared with the CPU kernel).
-void check_segmented_attention(const at::Tensor& q, at::TensorList ks, at::TensorList vs, c10::optional<double> scale);
 
 namespace {
 

@@ -33,36 +33,6 @@
 
 namespace halodiff {
 
-void check_segmented_attention(const at::Tensor& q, at::TensorList ks, at::TensorList vs,
-                               c10::optional<double> scale) {
-  TORCH_CHECK_VALUE(q.dim() == 4, "halodiff: q must be 4-D [B, H, Lq, D], got shape ", q.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "halodiff: q must be a floating tensor, got ",
-                   q.scalar_type());
-  TORCH_CHECK_VALUE(q.size(3) > 0, "halodiff: q must have a head dim D >= 1, got shape ", q.sizes());
-  TORCH_CHECK_VALUE(!ks.empty(), "halodiff: ks must be a non-empty list of [B, H, Lk_i, D] key segments");
-  TORCH_CHECK_VALUE(ks.size() == vs.size(), "halodiff: ks and vs must have the same length, got ", ks.size(),
-                    " and ", vs.size());
-  for (size_t i = 0; i < ks.size(); ++i) {
-    for (const at::Tensor* t : {&ks[i], &vs[i]}) {
-      const char* name = t == &ks[i] ? "ks" : "vs";
-      TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == q.size(0) && t->size(1) == q.size(1) &&
-                            t->size(3) == q.size(3),
-                        "halodiff: ", name, "[", i, "] must have shape [B, H, Lk, D] = [", q.size(0), ", ", q.size(1),
-                        ", Lk, ", q.size(3), "], got ", t->sizes());
-      TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), "halodiff: ", name, "[", i, "] has dtype ",
-                       t->scalar_type(), " but q has ", q.scalar_type());
-      TORCH_CHECK_VALUE(t->device() == q.device(), "halodiff: ", name, "[", i, "] is on ", t->device(),
-                        " but q is on ", q.device());
-    }
-    TORCH_CHECK_VALUE(ks[i].size(2) == vs[i].size(2), "halodiff: ks[", i, "] has ", ks[i].size(2),
-                      " rows but vs[", i, "] has ", vs[i].size(2), "; each K segment needs its V segment");
-  }
-  if (scale.has_value()) {
-    TORCH_CHECK_VALUE(std::isfinite(*scale) && *scale > 0, "halodiff: scale must be a finite number > 0, got ",
-                      *scale);
-  }
-}
-
 namespace {
 
 #if HALODIFF_CPU_FUSED_ATTENTION

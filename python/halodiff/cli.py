@@ -1,7 +1,7 @@
 """The `halodiff` command line (also `python -m halodiff`):
 
     halodiff info [--json]
-    halodiff demo [--out DIR] [--ranks N] [--steps S]
+    halodiff demo [--out DIR] [--ranks N] [--steps S] [--methods M,...]
     halodiff bench e2e --model sd15|sdxl|digits --resolution R --steps S --ranks N --modes sync,distrifusion,...
     halodiff bench kernels [--out DIR]
     halodiff bench audit [--out DIR] [--arch 80,90] [--only cuda|triton] [--kernels REGEX]
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--ranks", type=int, default=2)
     p_demo.add_argument("--steps", type=int, default=20)
     p_demo.add_argument("--per-class", type=int, default=3, help="images per digit")
+    p_demo.add_argument("--methods", default="all",
+                        help="comma-separated: unpatched, deepcache, sync, distrifusion, pcpp, deepcache+distrifusion "
+                             "(default all; unpatched always runs as the baseline)")
 
     p_stream = sub.add_parser("stream", help="StreamDiffusion: redraw a stream of real handwritten digits with the "
                               "digits model; write GIF, report and plot")
@@ -182,9 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.ranks > 8:
             return _fail(f"--ranks {args.ranks}: the 32x32 digits model has 8 rows at its deepest level, "
                          "so at most 8 ranks")
-        from .demo import run_demo
+        from .demo import METHODS, run_demo, select
 
-        return run_demo(args.out, ranks=args.ranks, steps=args.steps, per_class=args.per_class)
+        try:
+            methods = METHODS if args.methods == "all" else select([m for m in args.methods.split(",") if m])
+        except ValueError as exc:
+            return _fail(str(exc))
+        return run_demo(args.out, ranks=args.ranks, steps=args.steps, per_class=args.per_class, methods=methods)
     if args.command == "stream":
         return _stream(args)
     if args.command == "bench":

@@ -21,6 +21,7 @@ from . import launch
 
 @dataclass(frozen=True)
 class Method:
+    key: str  # the name `halodiff demo --methods` takes
     name: str
     ranks: int  # 1: single process; else the demo's --ranks
     mode: str | None = None  # ParallelConfig.mode
@@ -29,13 +30,22 @@ class Method:
 
 
 METHODS = (
-    Method("unpatched", 1),
-    Method("deepcache (interval 3)", 1, deepcache=True),
-    Method("sync", 0, "sync"),
-    Method("distrifusion", 0, "distrifusion"),
-    Method("pcpp (p=0.3)", 0, "pcpp"),
-    Method("deepcache + distrifusion", 0, "distrifusion", deepcache=True),
+    Method("unpatched", "unpatched", 1),
+    Method("deepcache", "deepcache (interval 3)", 1, deepcache=True),
+    Method("sync", "sync", 0, "sync"),
+    Method("distrifusion", "distrifusion", 0, "distrifusion"),
+    Method("pcpp", "pcpp (p=0.3)", 0, "pcpp"),
+    Method("deepcache+distrifusion", "deepcache + distrifusion", 0, "distrifusion", deepcache=True),
 )
+METHOD_KEYS = tuple(m.key for m in METHODS)
+
+
+def select(keys: list[str]) -> tuple[Method, ...]:
+    """The methods named by `keys` (the unpatched baseline always runs first)."""
+    unknown = [k for k in keys if k not in METHOD_KEYS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_KEYS)}")
+    return tuple(m for m in METHODS if m.key == "unpatched" or m.key in keys)
 
 
 @dataclass
@@ -103,9 +113,16 @@ def run_methods(ranks: int, steps: int, per_class: int = 3, seed: int = 0, warmu
     multi = [m for m in methods if m.ranks != 1 and ranks > 1]
     raw: list[dict] = []
     with tqdm(total=len(single) + len(multi), desc="halodiff demo", unit="method") as bar:
-        if single:
+        if single:  # in this process (1 thread, like every rank)
+            import torch
+
             bar.set_postfix_str(f"1 rank: {', '.join(m.name for m in single)}")
-            raw += launch.run_ranks(_run_methods, 1, single, steps, per_class, seed, warmup_steps)[0]
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                raw += _run_methods(0, 1, single, steps, per_class, seed, warmup_steps)
+            finally:
+                torch.set_num_threads(threads)
             bar.update(len(single))
         if multi:
             bar.set_postfix_str(f"{ranks} ranks: {', '.join(m.name for m in multi)}")
@@ -183,12 +200,13 @@ def write_outputs(results: list[MethodResult], out: Path, meta: dict) -> None:
         f"![speed vs quality](speed_quality.png)\n")
 
 
-def run_demo(out: Path, ranks: int = 2, steps: int = 20, per_class: int = 3) -> int:
+def run_demo(out: Path, ranks: int = 2, steps: int = 20, per_class: int = 3,
+             methods: tuple[Method, ...] = METHODS) -> int:
     import os
     import platform
 
     t0 = time.perf_counter()
-    results = run_methods(ranks, steps, per_class)
+    results = run_methods(ranks, steps, per_class, methods=methods)
     meta = {
         "steps": steps, "ranks": ranks, "images_per_method": 10 * per_class, "guidance_scale": 2.0,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread per rank",

@@ -34,6 +34,8 @@ def collect() -> dict[str, Any]:
             "loaded": state.loaded,
             "cuda_kernels": state.cuda,
             "cuda_archs": state.cuda_archs,
+            "cuda_path": state.cuda_path,
+            "cuda_error": state.cuda_error,
             "path": state.path,
             "error": state.error,
         },
@@ -50,9 +52,10 @@ def format_text(info: dict[str, Any]) -> str:
         f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})  triton {info['triton'] or 'not installed'}  "
         f"diffusers {info['diffusers'] or 'not installed'}",
         f"GPU: {info['gpu'] or 'none'}",
-        "native extension halodiff._C: "
-        + (f"loaded (CUDA kernels: {'yes, archs ' + n['cuda_archs'] if n['cuda_kernels'] else 'no'}) {n['path']}"
-           if n["loaded"] else f"not loaded: {n['error']}"),
+        "native CPU ops halodiff._C: " + (f"loaded {n['path']}" if n["loaded"] else f"not loaded: {n['error']}"),
+        "native CUDA ops halodiff._C_cuda: "
+        + (f"loaded, archs {n['cuda_archs']} {n['cuda_path']}" if n["cuda_kernels"] else
+           f"not loaded: {n['cuda_error'] or n['error']}"),
         f"backends per op for {info['device']} tensors (tried in order {' -> '.join(info['backend_order'])}):",
     ]
     for op, backends in info["ops"].items():

@@ -58,7 +58,7 @@ def backend_reasons(name: str) -> list[str]:
     if name == "cuda":
         reasons = []
         if not state.cuda:
-            reasons.append("halodiff._C was built without CUDA kernels (CPU-only torch or SKIP_CUDA_BUILD=1)")
+            reasons.append(state.cuda_error or "halodiff._C_cuda holds no CUDA kernels")
         if not torch.cuda.is_available():
             reasons.append("no CUDA device available" if torch.version.cuda else "torch is built without CUDA")
         return reasons
