@@ -35,10 +35,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------------------------- workers
 def _modes_worker(rank, world, H, W, split):
-    """sync / warm-up-only distrifusion / distrifusion / pcpp / unpatch on one UNet."""
+    """sync / warm-up-only distrifusion / distrifusion / pcpp / unpatch on one UNet.
+
+    The single-device reference runs on rank 0 only and the after-unpatch run on the last rank only (with 2 CPU
+    cores and up to 4 ranks, a full-image run on every rank would cost twice the patched runs)."""
     unet = tiny_sd15_unet().double()
     lat, cond = _inputs(H, W)
-    out = {"ref": denoise(unet, lat, cond, STEPS)}
+    out = {"ref": denoise(unet, lat, cond, STEPS) if rank == 0 else None}
     for name, cfg in [
         ("sync", ParallelConfig(mode="sync", split_cfg=split)),
         ("warmup_only", ParallelConfig(mode="distrifusion", warmup_steps=STEPS, split_cfg=split)),
@@ -49,25 +52,25 @@ def _modes_worker(rank, world, H, W, split):
         out[name] = denoise(unet, lat, cond, STEPS)
         out[name + "_bytes"] = dict(halodiff.comm_stats(unet).bytes_by_kind)
         halodiff.unpatch(unet)
-    out["after_unpatch"] = denoise(unet, lat, cond, STEPS)
+    out["after_unpatch"] = denoise(unet, lat, cond, STEPS) if rank == world - 1 else None
     return out
 
 
 def _check_modes(results, what: str, banded: bool = True):
     ref = results[0]["ref"]
     for r, res in enumerate(results):
-        assert torch.equal(res["ref"], ref)
         assert _rel(res["sync"], ref) <= TOL, f"{what} rank {r}: sync differs from one device by {_rel(res['sync'], ref):.2e}"
         assert torch.equal(res["warmup_only"], res["sync"]), "warm-up steps must equal sync mode"
         for mode in ("sync", "distrifusion", "pcpp"):
             assert torch.equal(res[mode], results[0][mode]), f"{what}: rank {r} {mode} latents differ from rank 0"
-        assert torch.equal(res["after_unpatch"], ref), "unpatch must restore bit-identical single-device output"
+    assert torch.equal(results[-1]["after_unpatch"], ref), \
+        f"{what}: unpatch on the last rank must restore its bit-identical single-device output"
     for mode in ("distrifusion", "pcpp"):  # after the warm-up the stale modes really use stale data ...
         if not banded:  # 2 ranks with split_cfg: one CFG half per rank, no bands, nothing stale
             assert _rel(results[0][mode], ref) <= TOL
             continue
         assert _rel(results[0][mode], results[0]["sync"]) > 1e-6, f"{what}: {mode} equals sync after the warm-up"
-        # ... and stay close to one device (random-weight UNet, 6 steps, 4 of them stale)
+        # ... and stay close to one device (random-weight UNet, 4 steps, 2 of them stale)
         assert psnr(results[0][mode], ref) >= PSNR_STALE, f"{what}: {mode} {psnr(results[0][mode], ref):.1f} dB"
 
 
