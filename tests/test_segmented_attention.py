@@ -159,6 +159,33 @@ def test_cpu_dispatch_prefers_native_kernel():
     assert ops.registry.OPS["segmented_attention"].select(q.device, q, ks, vs, None) == "cpu"
 
 
+@pytest.mark.parametrize("path", ["fused", "flash"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_both_cpu_paths_match_reference(monkeypatch, path, dtype):
+    """The native CPU op has two paths (the fused AVX2 kernel; torch's flash attention per segment + merge),
+    chosen by the CPU's vector width; each is checked whatever this machine would choose."""
+    if not native().loaded:
+        pytest.skip(native().error)
+    monkeypatch.setenv("HALODIFF_CPU_ATTENTION", path)
+    torch.manual_seed(0)
+    tol = {torch.float32: (1e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    for B, H, Lq, D, lens in CASES[:5]:
+        q, ks, vs = _inputs(B, H, Lq, D, lens, "cpu", dtype)
+        with ops.use_backend("cpu"):
+            got = ops.segmented_attention(q, ks, vs)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), _exact(q, ks, vs), rtol=tol[0], atol=tol[1])
+
+
+def test_cpu_path_variable_is_checked(monkeypatch):
+    if not native().loaded:
+        pytest.skip(native().error)
+    monkeypatch.setenv("HALODIFF_CPU_ATTENTION", "fast")
+    q, ks, vs = _inputs(1, 2, 8, 40, [4, 4], "cpu")
+    with ops.use_backend("cpu"), pytest.raises(ValueError, match="HALODIFF_CPU_ATTENTION must be 'fused', 'flash'"):
+        ops.segmented_attention(q, ks, vs)
+
+
 def test_unsupported_inputs_fall_through():
     """Kernels declare what they cannot run; a forced backend then says why, automatic dispatch moves on."""
     op = ops.registry.OPS["segmented_attention"]

@@ -9,8 +9,9 @@ Designed for NCCL (one GPU per rank), tested on gloo:
   data into the same slots as soon as a layer has consumed its stale data (`queue_rows`, `queue_sums`: only a
   GroupNorm's own [B, G, 2] sums are kept as they are), and post it in checkpoints during the forward (every `checkpoint` layers, or where a
   layer is skipped, e.g. on DeepCache partial steps): the transfers overlap the rest of the forward.
-  `end_step` posts the remainder and joins everything before the forward returns, so a step is self-contained
-  (what CUDA-graph capture needs) and the next step reads complete data without waiting.
+  `end_step` posts the remainder. A message is waited for where the next step first reads its data
+  (`arrive`), so transfers also overlap the end of this step and the start of the next; with `join_at_end`
+  (CUDA-graph mode) every message is joined before the forward returns, so a step is self-contained.
 - All buffers of a layout are allocated once per input signature (`set_layout`): fixed addresses, no
   allocation per step.
 Every byte this rank receives from / sends to other ranks is counted in one `CommStats`.
