@@ -18,6 +18,10 @@ CUDA_ARCHS ?= 8.0;9.0+PTX
 DEMO_CUDA_ARCHS ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | sort -u | paste -sd';')
 export CUDA_HOME
 PYTEST_ARGS ?=
+# `make test` runs the test files on TEST_JOBS pytest-xdist workers (whole files per worker, so module fixtures and
+# rank pools are built once); TEST_JOBS=1 runs them in this process, one after another.
+TEST_JOBS ?= 2
+XDIST := $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile,)
 NODEPS := $(abspath $(VENV))/nodeps
 CPU_SRC := setup.py $(wildcard csrc/*.cpp csrc/*.h)
 CUDA_SRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/cuda/*.cpp)
@@ -66,7 +70,7 @@ install build: build-cuda
 test:
 	@t0=$$SECONDS; $(MAKE) --no-print-directory venv; t1=$$SECONDS; \
 	$(MAKE) --no-print-directory build-cuda; t2=$$SECONDS; \
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests; rc=$$?; t3=$$SECONDS; \
+	$(PY) -m pytest -q -ra $(XDIST) $(PYTEST_ARGS) tests; rc=$$?; t3=$$SECONDS; \
 	[ $$rc -eq 0 ] && { $(PY) -m pytest -q bench --benchmark-disable -p no:cacheprovider; rc=$$?; }; t4=$$SECONDS; \
 	echo "make test: setup $$((t1 - t0)) s, build $$((t2 - t1)) s, tests $$((t3 - t2)) s, bench smoke $$((t4 - t3)) s"; \
 	exit $$rc

@@ -42,12 +42,15 @@ def _modes_worker(rank, world, H, W, split):
     unet = tiny_sd15_unet().double()
     lat, cond = _inputs(H, W)
     out = {"ref": denoise(unet, lat, cond, STEPS) if rank == 0 else None}
-    for name, cfg in [
+    configs = [
         ("sync", ParallelConfig(mode="sync", split_cfg=split)),
         ("warmup_only", ParallelConfig(mode="distrifusion", warmup_steps=STEPS, split_cfg=split)),
         ("distrifusion", ParallelConfig(mode="distrifusion", warmup_steps=2, split_cfg=split)),
         ("pcpp", ParallelConfig(mode="pcpp", warmup_steps=2, split_cfg=split, halo_fraction=0.3)),
-    ]:
+    ]
+    if split or world > 3:  # warm-up == sync is checked on 2 and 3 ranks without the CFG split (interior bands)
+        configs = [c for c in configs if c[0] != "warmup_only"]
+    for name, cfg in configs:
         halodiff.patch(unet, cfg)
         out[name] = denoise(unet, lat, cond, STEPS)
         out[name + "_bytes"] = dict(halodiff.comm_stats(unet).bytes_by_kind)
@@ -60,7 +63,8 @@ def _check_modes(results, what: str, banded: bool = True):
     ref = results[0]["ref"]
     for r, res in enumerate(results):
         assert _rel(res["sync"], ref) <= TOL, f"{what} rank {r}: sync differs from one device by {_rel(res['sync'], ref):.2e}"
-        assert torch.equal(res["warmup_only"], res["sync"]), "warm-up steps must equal sync mode"
+        if "warmup_only" in res:
+            assert torch.equal(res["warmup_only"], res["sync"]), "warm-up steps must equal sync mode"
         for mode in ("sync", "distrifusion", "pcpp"):
             assert torch.equal(res[mode], results[0][mode]), f"{what}: rank {r} {mode} latents differ from rank 0"
     assert torch.equal(results[-1]["after_unpatch"], ref), \
@@ -77,7 +81,9 @@ def _check_modes(results, what: str, banded: bool = True):
 @pytest.mark.parametrize("world, H, W", [(2, 32, 32), (3, 32, 24), (4, 32, 32)])
 def test_modes_without_cfg_split(world, H, W):
     """N = 2, 3, 4 (N=3 on 32 rows: deepest level 4 rows -> uneven bands 1/1/2)."""
-    _check_modes(run_ranks(_modes_worker, world, H, W, False), f"N={world} {H}x{W}")
+    results = run_ranks(_modes_worker, world, H, W, False)
+    assert ("warmup_only" in results[0]) == (world <= 3)
+    _check_modes(results, f"N={world} {H}x{W}")
 
 
 @pytest.mark.parametrize("world", [2, 4])
