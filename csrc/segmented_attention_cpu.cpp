@@ -316,16 +316,22 @@ void merge_segments(const std::vector<at::Tensor>& outs, const std::vector<at::T
   });
 }
 
-#if HALODIFF_CPU_FUSED_ATTENTION
-// Whether the fused AVX2 kernel runs for q's dtype (see the header comment): HALODIFF_CPU_ATTENTION forces
-// it, else float32 takes torch's flash attention where torch's CPU kernels are AVX-512.
-bool use_fused_kernel(at::ScalarType dtype) {
+// HALODIFF_CPU_ATTENTION: nullptr (unset: automatic), "fused" or "flash"; anything else is an error (checked on
+// every platform, also where the fused kernel is not compiled).
+const char* forced_cpu_path() {
   const char* env = std::getenv("HALODIFF_CPU_ATTENTION");
-  const bool forced = env != nullptr && *env != '\0';
-  TORCH_CHECK_VALUE(!forced || std::strcmp(env, "fused") == 0 || std::strcmp(env, "flash") == 0,
+  if (env == nullptr || *env == '\0') return nullptr;
+  TORCH_CHECK_VALUE(std::strcmp(env, "fused") == 0 || std::strcmp(env, "flash") == 0,
                     "halodiff: HALODIFF_CPU_ATTENTION must be 'fused', 'flash' or unset; got '", env, "'");
+  return env;
+}
+
+#if HALODIFF_CPU_FUSED_ATTENTION
+// Whether the fused AVX2 kernel runs for q's dtype (see the header comment): `forced` decides if set, else
+// float32 takes torch's flash attention where torch's CPU kernels are AVX-512.
+bool use_fused_kernel(at::ScalarType dtype, const char* forced) {
   if (dtype == at::kDouble || !cpu_has_avx2_fma()) return false;
-  if (forced) return std::strcmp(env, "fused") == 0;
+  if (forced != nullptr) return std::strcmp(forced, "fused") == 0;
   static const bool torch_avx512 = at::get_cpu_capability() == "AVX512";
   return !(dtype == at::kFloat && torch_avx512);
 }
@@ -334,6 +340,7 @@ bool use_fused_kernel(at::ScalarType dtype) {
 at::Tensor segmented_attention_cpu(const at::Tensor& q_in, at::TensorList ks, at::TensorList vs,
                                    c10::optional<double> scale) {
   check_segmented_attention(q_in, ks, vs, scale);
+  [[maybe_unused]] const char* forced = forced_cpu_path();  // validated on every platform
   TORCH_CHECK_VALUE(q_in.device().is_cpu(), "halodiff: segmented_attention CPU kernel got q on ", q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), D = q_in.size(3);
   // Output: a [B, H, Lq, D] view of a contiguous [B, Lq, H, D] buffer (like torch's SDPA).
@@ -349,7 +356,7 @@ at::Tensor segmented_attention_cpu(const at::Tensor& q_in, at::TensorList ks, at
   }
   if (k_live.empty()) return out.zero_();  // every segment is empty: no keys, the result is defined as zeros
 #if HALODIFF_CPU_FUSED_ATTENTION
-  if (use_fused_kernel(q_in.scalar_type())) {
+  if (use_fused_kernel(q_in.scalar_type(), forced)) {
     const at::Tensor q = dense(q_in);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "segmented_attention_cpu", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) fused_attention<scalar_t>(q, k_live, v_live, s, out);
