@@ -244,12 +244,14 @@ def _launch_apply(x, cl, y, num_groups, weight, bias, eps, silu, mode, sums, spl
     block_c, block_hw = _apply_tiles(C, hw, cl)
     n_cblocks = triton.cdiv(C, block_c)
     vec = _vec(x.element_size(), C if cl else hw)
-    dummy = sums if sums is not None else given  # any float64 tensor for unused pointers
+    # Every pointer argument needs a tensor; those MODE leaves unread (and HAS_W/HAS_B off) get one of the right
+    # dtype that is present anyway. No allocation, nothing read through them.
+    present_f64 = next(t for t in (sums, given, stale_g) if t is not None)
+    f64 = lambda t: t if t is not None else present_f64  # noqa: E731
     _common.launch(
         _apply, (B * n_cblocks, triton.cdiv(hw, block_hw)),
         x, y, weight if weight is not None else x, bias if bias is not None else x,
-        sums if sums is not None else dummy, splits, given if given is not None else dummy,
-        stale_g if stale_g is not None else dummy, stale_l if stale_l is not None else dummy,
+        f64(sums), splits, f64(given), f64(stale_g), f64(stale_l),
         *split_f64(count), *split_f64(C // num_groups * hw), *split_f64(eps), C // vec if cl else C,
         hw if cl else hw // vec, num_groups, C // num_groups, n_cblocks,
         MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None, SILU=bool(silu), CHANNELS_LAST=cl, VEC=vec,
