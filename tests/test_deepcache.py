@@ -109,7 +109,7 @@ def test_bad_arguments_and_misuse():
             enable_deepcache(unet, **kw)
     with pytest.raises(ValueError, match="quadratic.*needs the step count"):
         enable_deepcache(unet, schedule="quadratic")
-    with pytest.raises(PatchError, match="has no .unet"):
+    with pytest.raises(PatchError, match="no denoiser halodiff knows"):
         enable_deepcache(object())
     with pytest.raises(PatchError, match="not enabled"):
         disable_deepcache(unet)

@@ -176,7 +176,7 @@ def _steady_step_counts(mode: str):
                     unet(x, t, encoder_hidden_states=cond)
                 per_step.append((counts.allocs, list(counts.alloc_ops), syncs.syncs))
                 addresses.append({k: v.data_ptr() for k, v in comm.layout.buffers.items() if v is not None} |
-                                 {f"kv.{k}": b.recv.data_ptr() for k, b in ctx.exchange.kv.items()})
+                                 {f"kv.{k}": b.recv.data_ptr() for k, b in ctx.models["unet"].kv.items()})
     halodiff.unpatch(unet)
     return per_step, addresses
 

@@ -70,7 +70,7 @@ def test_one_graph_per_step_kind_replays_equal_eager(stand_in):
         results[use_graphs] = (outs, dict(stats.bytes_by_kind), stats.messages)
         if use_graphs:
             sg = halodiff.parallel.context(unet).graphs["unet"]
-            kinds = sorted((k[0], k[1], dict(k[2]).get("deepcache")) for k, v in sg.graphs.items())
+            kinds = sorted((k[0], k[1], dict(k[3]).get("cache")) for k, v in sg.graphs.items())
             captures, replays = sg.captures, sg.replays
         halodiff.disable_deepcache(unet)
         halodiff.unpatch(unet)

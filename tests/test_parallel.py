@@ -220,7 +220,7 @@ def test_bad_arguments():
         ParallelConfig(warmup_steps=-1)
     with pytest.raises(TypeError, match="ParallelConfig"):
         halodiff.patch(tiny_sd15_unet(), {"mode": "sync"})
-    with pytest.raises(PatchError, match="has no .unet"):
+    with pytest.raises(PatchError, match="no denoiser halodiff knows"):
         halodiff.patch(object(), ParallelConfig())
 
 

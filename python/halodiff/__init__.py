@@ -1,12 +1,13 @@
-"""halodiff: faster diffusers UNet pipelines without retraining.
+"""halodiff: faster diffusers pipelines (UNets and DiTs) without retraining.
 
-Patch parallelism (DistriFusion), partial conditioning (PCPP) and cached-feature skip blocks
-(DeepCache), built on fused CUDA/Triton kernels. See README.md.
+Patch parallelism (DistriFusion), partial conditioning (PCPP), caches (DeepCache, first-block cache) and
+StreamDiffusion, built on fused CUDA/Triton kernels. See README.md.
 """
 from __future__ import annotations
 
 from . import ops
-from .cache import DeepCacheConfig, deepcache_schedule, disable_deepcache, enable_deepcache
+from .cache import (DeepCacheConfig, FirstBlockCacheConfig, deepcache_schedule, disable_cache, disable_deepcache,
+                    enable_cache, enable_deepcache)
 from .comm import CommStats
 from .config import ParallelConfig
 from .errors import BackendUnavailableError, CommTimeoutError, HalodiffError, PatchError
@@ -20,10 +21,13 @@ __all__ = [
     "BackendUnavailableError",
     "CommStats",
     "DeepCacheConfig",
+    "FirstBlockCacheConfig",
     "ParallelConfig",
     "comm_stats",
     "deepcache_schedule",
+    "disable_cache",
     "disable_deepcache",
+    "enable_cache",
     "enable_deepcache",
     "new_generation",
     "patch",

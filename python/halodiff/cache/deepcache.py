@@ -15,9 +15,11 @@ modules those are depends only on the step kind (a Python bool read by the wrapp
 torch.compile each kind is one static graph. With `halodiff.patch`, layers that do not run exchange
 nothing, and the engine keeps their last exchanged (stale) data for the next full step.
 
-Installed through the runtime (`halodiff.runtime`): stack-safe `forward` overrides of the cached modules
-(and of up block b), and a subscription to the pipeline's denoising clock, which says which step each UNet
-call is; `disable_deepcache` removes exactly these.
+One of the cache methods behind `halodiff.enable_cache` (cache/base.py); `enable_deepcache(pipe, ...)` is
+its shorthand. The UNet's levels come from its model spec (`specs.unet2d`). Installed through the runtime
+(`halodiff.runtime`): stack-safe `forward` overrides of the cached modules (and of up block b), and a
+subscription to the pipeline's denoising clock, which says which step each UNet call is; `disable_deepcache`
+removes exactly these. The schedule is fixed, so every rank of a patch takes the same steps without agreeing.
 """
 from __future__ import annotations
 
@@ -25,21 +27,30 @@ import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import HalodiffError, PatchError
-from ..runtime import Denoiser, Installation, Step, Subscriber, attach, install, lookup, uninstall, unet_of, unwrap
+from ..specs import UNetLevels
+from ..runtime import Denoiser, Installation, Runtime, Step, Subscriber, attach, install, predictor_of
+from .base import FEATURE, CacheConfig, CacheRun, cache_run, disable_cache, enable_cache, register
 from .schedule import check_schedule_args, deepcache_schedule
 
 
 @dataclass(frozen=True)
-class DeepCacheConfig:
-    """Settings of `enable_deepcache` (validated here; branch_id's upper bound by the UNet)."""
+class DeepCacheConfig(CacheConfig):
+    """Settings of DeepCache (`enable_cache(pipe, DeepCacheConfig(...))` or `enable_deepcache(pipe, ...)`;
+    validated here, branch_id's upper bound by the UNet).
 
+    interval: full step every `interval` steps (uniform) / as many full steps (quadratic); 1 = off.
+    branch_id: skip branch (0 = shallowest, fastest); valid range [0, 3 * len(down_blocks) - 1] on SD UNets.
+    schedule: "uniform" or "quadratic" (DeepCache's non-uniform schedule around `center`, `power`).
+    """
+
+    method: ClassVar[str] = "deepcache"
     interval: int = 3
     branch_id: int = 0
     schedule: str = "uniform"
@@ -66,12 +77,15 @@ class BranchPlan:
     lean: tuple[str, int] | None = None  # (up block b, its leading cached layers): see `_lean_up_forward`
 
 
-def branch_plan(unet: nn.Module, branch_id: int) -> BranchPlan:
-    """The modules (qualified names) a partial step takes from the cache for `branch_id`."""
-    down, up = getattr(unet, "down_blocks", None), getattr(unet, "up_blocks", None)
+def branch_plan(unet: nn.Module, branch_id: int, levels: UNetLevels | None = None) -> BranchPlan:
+    """The modules (qualified names) a partial step takes from the cache for `branch_id` (`levels`: the UNet's
+    block names, from its spec)."""
+    levels = levels or UNetLevels()
+    down, up = getattr(unet, levels.down, None), getattr(unet, levels.up, None)
     if not isinstance(down, nn.ModuleList) or not isinstance(up, nn.ModuleList) or not down or len(down) != len(up):
         raise PatchError(f"deepcache: {type(unet).__name__} is not a UNet with matching down_blocks/up_blocks "
                          "(use a UNet2DConditionModel: SD1.5, SD2.x, SDXL)")
+    D, U, M = levels.down, levels.up, levels.mid
     per = len(up[-1].resnets)  # skip outputs per down block = resnets per up block
     if any(len(b.resnets) != per for b in up) or any(len(b.resnets) != per - 1 for b in down):
         raise PatchError("deepcache: branch ids need the same layers_per_block in every block of the UNet")
@@ -84,27 +98,27 @@ def branch_plan(unet: nn.Module, branch_id: int) -> BranchPlan:
     lean = None
     for j, blk in enumerate(down):
         if j > b or (j == b and l == 0):
-            cached.append(f"down_blocks.{j}")
+            cached.append(f"{D}.{j}")
         elif j == b:
             attentions = getattr(blk, "attentions", None) or []
             for i in range(l, len(blk.resnets)):
-                cached.append(f"down_blocks.{j}.resnets.{i}")
+                cached.append(f"{D}.{j}.resnets.{i}")
                 if i < len(attentions):
-                    cached.append(f"down_blocks.{j}.attentions.{i}")
-            cached += [f"down_blocks.{j}.downsamplers.{k}" for k in range(len(blk.downsamplers or []))]
-    if getattr(unet, "mid_block", None) is not None:
-        cached.append("mid_block")
+                    cached.append(f"{D}.{j}.attentions.{i}")
+            cached += [f"{D}.{j}.downsamplers.{k}" for k in range(len(blk.downsamplers or []))]
+    if getattr(unet, M, None) is not None:
+        cached.append(M)
     for p, blk in enumerate(up):
         depth = len(up) - 1 - p  # the down block this up block mirrors
         if depth > b:
-            cached.append(f"up_blocks.{p}")
+            cached.append(f"{U}.{p}")
         elif depth == b:
             attentions = getattr(blk, "attentions", None) or []
             for idx in range(per - 1 - l):  # these layers consume skips of cached down layers
-                cached.append(f"up_blocks.{p}.resnets.{idx}")
+                cached.append(f"{U}.{p}.resnets.{idx}")
                 if idx < len(attentions):
-                    cached.append(f"up_blocks.{p}.attentions.{idx}")
-            lean = (f"up_blocks.{p}", per - 1 - l) if per - 1 - l > 0 else None
+                    cached.append(f"{U}.{p}.attentions.{idx}")
+            lean = (f"{U}.{p}", per - 1 - l) if per - 1 - l > 0 else None
     return BranchPlan(b, l, n, tuple(cached), lean)
 
 
@@ -116,7 +130,7 @@ def _on_meta(args: tuple, kwargs: dict) -> bool:
     return False
 
 
-class DeepCacheRun:
+class DeepCacheRun(CacheRun):
     """Explicit step state of one enabled pipeline (no globals).
 
     `partial` / `recording` are the only fields the wrapped modules read: True during a partial /
@@ -129,11 +143,16 @@ class DeepCacheRun:
         self.partial = False
         self.recording = False
         self.cache: dict[str, Any] = {}
-        self.static_cache = False  # write full steps' outputs into the cached tensors (fixed addresses: CUDA graphs)
+        self.rt: Runtime | None = None
         self.kinds: list[str] = []
         self._full: frozenset[int] | None = None
         self._valid: tuple | None = None  # input signature the cache was filled with
         self._sig: tuple | None = None
+
+    @property
+    def static_cache(self) -> bool:
+        """Write full steps' outputs into the cached tensors (fixed addresses), as CUDA graphs need."""
+        return self.rt is not None and self.rt.static_buffers
 
     def check_schedule(self, generation) -> None:
         """At set_timesteps: raise a schedule error before the first step."""
@@ -234,26 +253,26 @@ def _lean_up_forward(run: DeepCacheRun, block: nn.Module, n_cached: int, inner: 
     return forward
 
 
-FEATURE = "deepcache"
-
-
 def enable_deepcache(pipe, config: DeepCacheConfig | None = None, *, scheduler=None, **kwargs) -> None:
     """Run only the shallow UNet path on the steps between full steps, reusing cached deep features.
+    Shorthand of `halodiff.enable_cache(pipe, DeepCacheConfig(...))`.
 
-    pipe: a diffusers pipeline with `.unet`, or a UNet2DConditionModel (then pass `scheduler=` to get
-        the step index from its timesteps; without one, UNet calls are counted and a rising timestep
-        starts a new generation; the quadratic schedule needs a scheduler).
-    config: a `DeepCacheConfig`, or its fields as keyword arguments:
-        interval: full step every `interval` steps (uniform) / as many full steps (quadratic); 1 = off.
-        branch_id: skip branch (0 = shallowest, fastest); valid range [0, 3 * len(down_blocks) - 1] on SD UNets.
-        schedule: "uniform" or "quadratic" (DeepCache's non-uniform schedule around `center`, `power`).
+    pipe: a diffusers UNet pipeline, or a UNet2DConditionModel (then pass `scheduler=` to get the step index from
+        its timesteps; without one, UNet calls are counted and a rising timestep starts a new generation; the
+        quadratic schedule needs a scheduler).
+    config: a `DeepCacheConfig`, or its fields as keyword arguments (interval, branch_id, schedule, center, power).
     """
-    config = _config(config, kwargs)
-    unet = unet_of(pipe, "deepcache")
-    for obj, what in ((pipe, "this pipeline"), (unet, "its UNet")):
-        if lookup(obj, FEATURE) is not None:
-            raise PatchError(f"deepcache: already enabled on {what}; call halodiff.disable_deepcache first")
-    plan = branch_plan(unet, config.branch_id)
+    enable_cache(pipe, _config(config, kwargs), scheduler=scheduler)
+
+
+def _install(pipe, config: DeepCacheConfig, scheduler) -> None:
+    den = predictor_of(pipe, "deepcache")
+    unet = den.module
+    levels = den.spec.unet_levels(unet)
+    if levels is None:
+        raise PatchError(f"deepcache: {type(unet).__name__} is not a UNet (DeepCache caches UNet levels); for "
+                         "transformers use halodiff.enable_cache(pipe, halodiff.FirstBlockCacheConfig())")
+    plan = branch_plan(unet, config.branch_id, levels)
     if config.schedule == "quadratic" and config.interval > 1 and scheduler is None and isinstance(pipe, nn.Module):
         raise ValueError("deepcache: schedule='quadratic' needs the step count: enable it on a pipeline or pass "
                          "scheduler=")
@@ -267,13 +286,16 @@ def enable_deepcache(pipe, config: DeepCacheConfig | None = None, *, scheduler=N
             block = modules[plan.lean[0]]
             inst.override(block, "forward", lambda inner: _lean_up_forward(run, block, plan.lean[1], inner))
         rt, detach = attach(pipe, Subscriber(FEATURE, run.before, run.after, kind=lambda: run.partial), scheduler)
+        run.rt = rt
         inst.on_remove(detach)
-        rt.clock.listeners.append(run.check_schedule)
-        inst.on_remove(lambda: rt.clock.listeners.remove(run.check_schedule))
+        inst.on_remove(rt.on_generation(run.check_schedule))
         inst.on_remove(run.deactivate)
         return run
 
     install(FEATURE, [pipe] if pipe is unet else [pipe, unet], build)
+
+
+register(DeepCacheConfig.method, DeepCacheConfig, _install)
 
 
 def _config(config: DeepCacheConfig | None, kwargs: dict) -> DeepCacheConfig:
@@ -291,19 +313,11 @@ def _config(config: DeepCacheConfig | None, kwargs: dict) -> DeepCacheConfig:
     return config
 
 
-def _owner(pipe, detail: str = ""):
-    """`pipe`, or the module a torch.compile wrapper holds, whichever DeepCache is registered under."""
-    for owner in (pipe, unwrap(pipe)) if isinstance(pipe, nn.Module) else (pipe,):
-        if lookup(owner, FEATURE) is not None:
-            return owner
-    raise PatchError(f"deepcache: not enabled on this pipeline{detail}")
-
-
 def disable_deepcache(pipe) -> None:
     """Undo `enable_deepcache` exactly: original forwards, hooks removed, scheduler restored."""
-    uninstall(_owner(pipe, " (nothing to disable)"), FEATURE)
+    disable_cache(pipe, DeepCacheConfig.method)
 
 
 def deepcache_context(pipe) -> DeepCacheRun:
     """The step state of a pipeline with DeepCache enabled (step kinds, plan); for tools and tests."""
-    return lookup(_owner(pipe), FEATURE)[1]
+    return cache_run(pipe, DeepCacheConfig.method)

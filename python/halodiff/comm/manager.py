@@ -318,6 +318,10 @@ class CommManager:
             self.wait(w, f"halo exchange ({slot.spec.kind}, {key})")
         return slot.recv_up, slot.recv_down
 
+    def has_rows(self, key: str) -> bool:
+        """Whether layer `key` has slots in the neighbour messages of the current layout."""
+        return self.layout is not None and key in self.layout.rows
+
     def recv_slots(self, key: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The [*lead, rows, row_len] receive slots (from the band above, below) of a layer."""
         slot = self.layout.rows[key]

@@ -1,12 +1,13 @@
-"""`patch` / `unpatch` / `comm_stats`: install patch parallelism on a diffusers pipeline.
+"""`patch` / `unpatch` / `comm_stats`: install patch parallelism on a diffusers pipeline or a bare model.
 
-Layers are found by type (nn.Conv2d with k > 1, nn.GroupNorm, diffusers `Attention` used as self-attention),
-so one code path serves SD1.5, SD2.x, SDXL and ControlNet. Everything goes through the runtime
+What each layer is comes from the denoiser's model spec (`halodiff.specs`: halo conv, GroupNorm, self / joint /
+cross attention, the DiT token split and gather); the engine installs the layer mechanism of each role
+(`parallel/layers/`), so one code path serves every supported family. Everything goes through the runtime
 (`halodiff.runtime`): stack-safe forward overrides and processor swaps, and a subscription to the pipeline's
 denoising clock, whose `Step` says which step each denoiser call is. Per call the engine splits the CFG batch
 (split_cfg), measures layer shapes once per input signature (meta-device trace), cuts full-size residuals to
-the band, and gathers the predicted bands after the UNet. The mode's exchange strategy (sync / DistriFusion /
-PCPP) is chosen once, here.
+the band, and gathers the predicted bands (UNets at their output, DiTs before the unpatchify). The mode's
+strategy (sync / DistriFusion / PCPP: which mechanism each layer kind uses at each step) is chosen once, here.
 """
 from __future__ import annotations
 
@@ -21,25 +22,16 @@ from ..comm import CommStats
 from ..config import ParallelConfig
 from ..errors import HalodiffError, PatchError
 from ..runtime import Denoiser, Installation, Step, Subscriber, attach, denoisers, install, lookup, uninstall
-from ..runtime.adapters import latent_scale, norm_act_pairs
-from .attention import BandAttention
+from ..runtime.adapters import latent_scale
 from .distrifusion import DistriFusion
-from .exchange import SyncExchange
 from .graphs import StepGraphs
-from .layers import conv_supported, group_norm_forward, halo_conv_forward, silu_forward
+from .layers import INSTALLERS, layout, tokens
 from .pcpp import PCPP
 from .state import ParallelContext, StepInfo
+from .sync import Sync
 
 FEATURE = "patch"
-EXCHANGES = {"sync": SyncExchange, "distrifusion": DistriFusion, "pcpp": PCPP}
-
-
-def _attention_class():
-    try:
-        from diffusers.models.attention_processor import Attention
-    except ImportError:  # pragma: no cover - older/newer layouts
-        from diffusers.models.attention import Attention
-    return Attention
+STRATEGIES = {"sync": Sync, "distrifusion": DistriFusion, "pcpp": PCPP}
 
 
 def _split_batch(obj, full: int, half: int):
@@ -80,10 +72,12 @@ class _Steps:
 
     def before(self, d: Denoiser, clock: Step, args: tuple, kwargs: dict):
         ctx = self.ctx
-        st = ctx.models.get(d.tag)
-        if st is None or ctx.world == 1:  # one rank: the model runs unchanged (and compiles to one graph)
+        if ctx.world == 1:  # one rank: the model runs unchanged (and compiles to one graph)
             return None
-        if clock.per_sample and ctx.exchange.stale and ctx.world > 1:
+        st = ctx.model_state(d.tag, clock.context)
+        if st is None:
+            return None
+        if clock.per_sample and ctx.strategy.stale and ctx.world > 1:
             raise HalodiffError(
                 f"halodiff.patch(mode={ctx.config.mode!r}): this UNet call holds samples at different timesteps (a stream "
                 "batch, e.g. halodiff.StreamDiffusion), so there is no previous step whose boundary data could be "
@@ -99,51 +93,57 @@ class _Steps:
             args = _split_batch(args, B, ctx.cfg_half)
             kwargs = _split_batch(kwargs, B, ctx.cfg_half)
             sample = d.sample(args, kwargs)
-        signature = (tuple(sample.shape), sample.dtype, sample.device, topo.ranks)
+        grid = d.spec.grid(d.module, args, kwargs) if d.spec.tokens else None
+        signature = (tuple(sample.shape), sample.dtype, sample.device, topo.ranks, grid)
         relayout = signature != st.signature
-        if clock.new_generation or relayout or d.tag not in self.warm_start:
+        if clock.new_generation or relayout or st.tag not in self.warm_start:
             st.comm.reset()
-            self.warm_start[d.tag] = clock.index
-            if relayout and ctx.world > 1:
+            self.warm_start[st.tag] = clock.index
+            if relayout:
                 # Residuals may already be band-local (from a patched ControlNet); layer shapes do not
                 # depend on them, so the trace runs without them.
                 ctx.trace(st, tuple(args), {k: (None if k in d.residual_kwargs else v) for k, v in kwargs.items()},
-                          topo, sample.shape[-2])
+                          topo, sample.shape[-2], grid)
+                st.grid = grid
             st.signature = signature
-        sync = ctx.exchange.is_sync(clock.index - self.warm_start[d.tag])
+        sync = ctx.strategy.is_sync(clock.index - self.warm_start[st.tag])
         step = StepInfo(st, topo, ctx.bands(max(st.deep_height, 1), topo.n), clock, sync)
-        if relayout and ctx.world > 1:
-            st.comm.set_layout(*ctx.exchange.layout(st, step), like=sample, topo=topo)
+        if relayout:
+            st.comm.set_layout(*layout(st, step, ctx.strategy), like=sample, topo=topo)
         st.comm.start_step(sending=not sync and not clock.last)
         for name in d.residual_kwargs:
             if kwargs.get(name) is not None:
-                full = st.deep_height if name.startswith("mid") else sample.shape[-2]
-                kwargs = dict(kwargs, **{name: _band_slice(kwargs[name], step, full)})
+                if grid is not None:
+                    cut = tokens.cut_residuals(step, kwargs[name], f"{d.tag}: {name}")
+                else:
+                    cut = _band_slice(kwargs[name], step, st.deep_height if name.startswith("mid") else sample.shape[-2])
+                kwargs = dict(kwargs, **{name: cut})
         ctx.active = step
         return tuple(args), kwargs
 
     def after(self, d: Denoiser, clock: Step, output: Any):
         ctx = self.ctx
-        if ctx.active is not None and ctx.active.model.tag == d.tag:
+        if ctx.active is not None and ctx.active.model.denoiser == d.tag:
             ctx.active = None
         return None
 
 
 def _denoiser_forward(ctx: ParallelContext, d: Denoiser, inner: Callable) -> Callable:
     """The denoiser's forward plus the step's epilogue, inside forward (so a captured CUDA graph holds it
-    too): join this step's communication, and (UNet) gather the predicted bands of every rank."""
+    too): join this step's communication, and (UNets; DiTs gather their tokens before the unpatchify) gather
+    the predicted bands of every rank."""
 
     def forward(*args, **kwargs):
         out = inner(*args, **kwargs)
         step = ctx.active
-        if step is None or ctx.tracing or step.model.tag != d.tag:
+        if step is None or ctx.tracing or step.model.denoiser != d.tag:
             return out
         step.comm.end_step(step.topo)
         if not d.predicts:
             return out
         ctx.stats.steps += 1
         sample = d.prediction(out)
-        if step.topo.n > 1:
+        if step.topo.n > 1 and not d.spec.tokens:
             full_h = step.model.signature[0][-2]  # the prediction has the input sample's height
             sample = step.comm.gather_bands(sample.contiguous(), step.bands.heights(full_h), step.topo, "output")
         if step.topo is ctx.split:
@@ -174,11 +174,13 @@ def _graphs_usable(config: ParallelConfig, dens: list[Denoiser]) -> bool:
     return True
 
 
-def _kinds_for_graphs(pipe, rt) -> tuple:
-    """Per-feature step kinds for the graph key; DeepCache must keep its cache at fixed addresses."""
-    entry = lookup(pipe, "deepcache")
-    if entry is not None:
-        entry[1].static_cache = True
+def _kinds_for_graphs(rt) -> tuple:
+    """Per-feature step kinds for the graph key (features keep their step outputs at fixed addresses)."""
+    rt.static_buffers = True
+    for sub in rt.subscribers:
+        if not sub.capturable:
+            raise PatchError(f"halodiff.patch(cuda_graphs=True): {sub.name} decides from data inside a step, so a "
+                             "step cannot be one captured CUDA graph; use cuda_graphs=False with it")
     return rt.step_kinds()
 
 
@@ -190,38 +192,32 @@ def _install(pipe, config: ParallelConfig, make_context: Callable[[ParallelConfi
     for d in dens:
         if lookup(d.module, FEATURE) is not None:
             raise PatchError(f"halodiff.patch: its {d.tag} is already patched through another pipeline object")
-    Attention = _attention_class()
+        d.spec.check(d.module)
 
     def build(inst: Installation) -> ParallelContext:
         ctx = make_context(config)
         inst.on_remove(ctx.close)  # runs last: join communication, destroy halodiff's process groups
-        ctx.exchange = EXCHANGES[config.mode](ctx)
+        ctx.strategy = STRATEGIES[config.mode](config)
         for d in dens:
-            ctx.add_model(d.tag, d.module)
-            pairs = dict(norm_act_pairs(d.module))
+            ctx.add_model(d.tag, d.module, d.spec)
             modules = dict(d.module.named_modules())
-            for name, m in modules.items():
-                key = f"{d.tag}.{name}"
-                if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1:
-                    reason = conv_supported(m)
-                    if reason:
-                        raise PatchError(f"halodiff.patch: {key} has {reason}, which the halo conv does not support")
-                    inst.override(m, "forward", lambda inner, m=m, key=key: halo_conv_forward(ctx, key, m, inner))
-                elif isinstance(m, nn.GroupNorm):
-                    fuse = name in pairs
-                    inst.override(m, "forward", lambda inner, m=m, key=key, fuse=fuse:
-                                  group_norm_forward(ctx, key, m, inner, fuse))
-                elif isinstance(m, Attention) and not m.is_cross_attention:
-                    inst.processor(m, lambda inner, key=key: BandAttention(ctx, key, inner))
-            for act in dict.fromkeys(pairs.values()):
-                inst.override(modules[act], "forward", lambda inner: silu_forward(ctx, inner))
+            for name, layer in d.spec.layers(d.module).items():
+                INSTALLERS[layer.role](ctx, inst, f"{d.tag}.{name}", modules[name], layer, modules)
+            for split in d.spec.split:
+                tokens.install_split(ctx, inst, d.tag, d.module, split)
+            if d.spec.gather is not None:
+                tokens.install_gather(ctx, inst, d.tag, d.module, d.spec.gather)
             inst.override(d.module, "forward", lambda inner, d=d: _denoiser_forward(ctx, d, inner))
         steps = _Steps(ctx)
         rt, detach = attach(pipe, Subscriber(FEATURE, steps.before, steps.after), scheduler)
         inst.on_remove(detach)
+        if ctx.world > 1 and not ctx.simulated:  # data-dependent decisions of other features agree over all ranks
+            rt.group = ctx.full.group
+            inst.on_remove(lambda: setattr(rt, "group", None))
         if _graphs_usable(config, dens):
+            inst.on_remove(lambda: setattr(rt, "static_buffers", False))
             for d in dens:
-                graphs = ctx.graphs[d.tag] = StepGraphs(ctx, d, lambda: _kinds_for_graphs(pipe, rt), graph_backend)
+                graphs = ctx.graphs[d.tag] = StepGraphs(ctx, d, lambda: _kinds_for_graphs(rt), graph_backend)
                 inst.override(d.module, "forward", graphs.forward_factory)
                 ctx.models[d.tag].comm.join_at_end = True  # a captured step must not leave work in flight
         return ctx
@@ -232,10 +228,11 @@ def _install(pipe, config: ParallelConfig, make_context: Callable[[ParallelConfi
 def patch(pipe, config: ParallelConfig | None = None, group=None, *, scheduler=None, **kwargs) -> None:
     """Make every rank compute only its band of rows (see ParallelConfig for the modes).
 
-    pipe: a diffusers pipeline with `.unet` (and `.controlnet`), or a UNet2DConditionModel.
+    pipe: a diffusers pipeline (a `.unet` and its ControlNets, or a `.transformer` of a supported DiT family: SD3,
+        Flux, PixArt, Qwen-Image; see `halodiff.specs`), or the bare UNet / transformer.
     config: a ParallelConfig, or its fields as keyword arguments (`patch(pipe, mode="pcpp")`).
     group: the torch.distributed process group of the ranks that share the work (None = default group).
-    scheduler: for a bare UNet, the scheduler whose `set_timesteps` starts each generation (pipelines: their own).
+    scheduler: for a bare model, the scheduler whose `set_timesteps` starts each generation (pipelines: their own).
     Without an initialised torch.distributed the pipeline runs single-rank, unchanged.
     """
     config = _checked(config, kwargs)

@@ -9,7 +9,7 @@ replayed, and later calls only copy their inputs into the graph's static inputs 
 
 What capture needs from the rest of halodiff, and what the CPU tests check: the comm layer's buffers are
 static (fixed addresses across steps), a steady step allocates nothing in the comm layer and reads nothing
-on the host, and DeepCache writes its cache into fixed buffers (`DeepCacheRun.static_cache`).
+on the host, and caches write their outputs into fixed buffers (`Runtime.static_buffers`).
 Python-side counters do not run on replay: the comm bytes of the captured call are added per replay.
 Capture is impossible without CUDA, or when an op in the step cannot be captured: then the kind stays eager
 and a warning says why.
@@ -76,10 +76,10 @@ class StepGraphs:
     def forward_factory(self, inner: Callable) -> Callable:
         def forward(*args, **kwargs):
             step = self.ctx.active
-            if step is None or self.ctx.tracing or step.model.tag != self.tag:
+            if step is None or self.ctx.tracing or step.model.denoiser != self.tag:
                 return inner(*args, **kwargs)
             leaves, spec = tree_flatten((args, kwargs))
-            key = (step.sync, step.last, self.kinds(), _signature(leaves))
+            key = (step.sync, step.last, step.clock.context, self.kinds(), _signature(leaves))
             entry = self.graphs.get(key)
             if entry is None or entry == "eager":
                 self.graphs.setdefault(key, "seen")

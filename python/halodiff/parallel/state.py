@@ -1,5 +1,8 @@
 """Explicit state of a patched pipeline: topology (patch group, CFG split), per-denoiser geometry measured by a
-meta-device trace, and the step that is running. No globals: each patch owns one `ParallelContext`."""
+meta-device trace, and the step that is running. No globals: each patch owns one `ParallelContext`.
+
+A denoiser has one `ModelState` per named call of a step (diffusers' `cache_context`: "cond" / "uncond" when a
+pipeline runs CFG as two calls), so each call's stale data stays its own."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +16,9 @@ from torch.utils._pytree import tree_map
 from ..comm import CommManager, CommStats, SimulatedComm, Topology
 from ..comm.topology import destroy, new_group
 from ..config import ParallelConfig
+from ..errors import PatchError
 from ..runtime import Step
+from ..specs import Layer, ModelSpec
 from .geometry import Bands, min_height
 from .kernels import EngineOps
 
@@ -23,13 +28,16 @@ class LayerInfo:
     """Global (whole-image) shapes of a wrapped layer, measured by the meta-device trace.
 
     kind: "conv" / "groupnorm" / "attention"; params: conv (kernel, stride, padding, dilation) of the rows,
-    GroupNorm (groups,), attention (K/V channels,)."""
+    GroupNorm (groups,), attention (K/V channels,). Attention: in_shape is its K/V [B, L, C] (text included),
+    hw the (rows, cols) of its image token grid, text the number of text tokens in its sequence."""
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...] | None = None
-    hw: tuple[int, int] | None = None  # attention: (rows, cols) of its token grid
+    hw: tuple[int, int] | None = None
     kind: str = ""
     params: tuple = ()
+    role: Layer | None = None
+    text: int = 0
 
 
 @dataclass
@@ -39,9 +47,14 @@ class ModelState:
     tag: str
     model_ref: weakref.ReferenceType
     comm: CommManager
+    spec: ModelSpec | None = None
+    denoiser: str = ""  # the denoiser's tag (`tag` adds the call's context name, e.g. "transformer[uncond]")
     signature: tuple | None = None
     layers: dict[str, LayerInfo] = field(default_factory=dict)
     deep_height: int = 0
+    grid: tuple[int, int] | None = None  # DiTs: the token grid of the current signature
+    kv: dict = field(default_factory=dict)  # attention layer -> its all-gather buffers
+    slot_views: dict = field(default_factory=dict)  # attention layer -> K/V views of its PCPP slots
 
     @property
     def model(self) -> torch.nn.Module:
@@ -87,8 +100,9 @@ class ParallelContext:
         self.ops = EngineOps()
         self.active: StepInfo | None = None
         self.tracing = False
-        self.exchange = None  # the mode's strategy (parallel.exchange / distrifusion / pcpp), set by the engine
+        self.strategy = None  # the mode's policy (parallel.sync / distrifusion / pcpp), set by the engine
         self.fused_silu: torch.Tensor | None = None  # a GroupNorm output that already holds its SiLU
+        self.silu_passthrough: set[int] = set()  # SiLU modules that pass a fused norm's output through
         self._transport = transport or (SimulatedComm if self.simulated else CommManager)
         self._records: dict[str, LayerInfo] = {}
         self.models: dict[str, ModelState] = {}
@@ -140,11 +154,23 @@ class ParallelContext:
     def world(self) -> int:
         return len(self.ranks)
 
-    def add_model(self, tag: str, model: torch.nn.Module) -> ModelState:
-        state = ModelState(tag, weakref.ref(model), self._transport(self.stats, self.config.comm_checkpoint))
+    def add_model(self, tag: str, model: torch.nn.Module, spec: ModelSpec | None = None) -> ModelState:
+        state = ModelState(tag, weakref.ref(model), self._transport(self.stats, self.config.comm_checkpoint), spec,
+                           tag.split("[", 1)[0])
         state.comm.timeout_s = self.config.timeout_s
         self.models[tag] = state
         return state
+
+    def model_state(self, tag: str, context: str | None) -> ModelState | None:
+        """The state of denoiser `tag` for the call named `context` within a step (made at its first call)."""
+        if context is None:
+            return self.models.get(tag)
+        key = f"{tag}[{context}]"
+        st = self.models.get(key)
+        if st is None and tag in self.models:
+            base = self.models[tag]
+            st = self.add_model(key, base.model, base.spec)
+        return st
 
     def bands(self, deep_height: int, n: int) -> Bands:
         key = (deep_height, n)
@@ -156,9 +182,11 @@ class ParallelContext:
     def record(self, key: str, info: LayerInfo) -> None:
         self._records[key] = info
 
-    def trace(self, state: ModelState, args: tuple, kwargs: dict, topo: Topology, sample_h: int) -> None:
+    def trace(self, state: ModelState, args: tuple, kwargs: dict, topo: Topology, sample_h: int,
+              grid: tuple[int, int] | None = None) -> None:
         """Run the model on the meta device (no compute, no weights copied) so every wrapped layer
-        records the global shape it sees; derive the deepest level and check the band split."""
+        records the global shape it sees; derive the deepest level (UNets) or take the token grid (DiTs:
+        `grid`) and check the band split."""
         model = state.model
         meta = {n: t.to("meta") for n, t in itertools.chain(model.named_parameters(), model.named_buffers())}
         to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -171,6 +199,9 @@ class ParallelContext:
             self.tracing = False
         layers = self._records
         self._records = {}
+        if grid is not None:
+            self._place_tokens(state, layers, grid, topo)
+            return
         grids = {}
         for info in layers.values():
             for shape in (info.in_shape, info.out_shape):
@@ -193,3 +224,22 @@ class ParallelContext:
                 f"fewer than the {topo.n} ranks of a patch group: use a latent height of at least {need}{image} "
                 "or fewer ranks"
             )
+
+    def _place_tokens(self, state: ModelState, layers: dict[str, LayerInfo], grid: tuple[int, int],
+                      topo: Topology) -> None:
+        """DiT: every attention layer sees the image token grid (plus, for joint attention, its text tokens)."""
+        rows, cols = grid
+        for key, info in layers.items():
+            if info.kind != "attention":
+                continue
+            text = info.in_shape[1] - rows * cols
+            joint = info.role is not None and info.role.role == "joint_attention"
+            if text < 0 or (text and not joint):
+                raise PatchError(f"halodiff: {key}: its attention sees {info.in_shape[1]} tokens, but the image has "
+                                 f"{rows}x{cols} tokens" + ("" if joint else " and it is not joint attention"))
+            info.hw, info.text = grid, text
+        state.layers = layers
+        state.deep_height = rows
+        if topo.n > 1 and rows < topo.n:
+            raise ValueError(f"halodiff: the {rows}x{cols} token grid has fewer token rows ({rows}) than the {topo.n} "
+                             "ranks of a patch group: use a larger image or fewer ranks")

@@ -18,7 +18,8 @@ without reading device memory, and tells every subscribed feature a `Step`:
    generations to avoid it).
 
 Each denoiser (UNet, every ControlNet) has its own step counter, since a ControlNet runs before the UNet in
-the same step.
+the same step; so has each named call of a denoiser within a step (diffusers' `model.cache_context("cond")` /
+`("uncond")`: pipelines that run CFG as two calls, Flux and Qwen-Image), which the runtime passes as `context`.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Step:
     new_generation: this call starts a generation (features drop stale state).
     per_sample: the timestep holds a different value per sample (a stream batch).
     t: the timestep argument as passed (never read by the clock when it is a device tensor).
+    context: the name of this call within its step (diffusers' `cache_context`, e.g. "cond" / "uncond"), or None.
     """
 
     index: int
@@ -51,6 +53,7 @@ class Step:
     new_generation: bool
     per_sample: bool = False
     t: Any = None
+    context: str | None = None
 
 
 @dataclass
@@ -167,14 +170,15 @@ class Clock:
         previous, counter.last_value = counter.last_value, value
         return previous is not None and value > previous
 
-    def tick(self, tag: str, t: Any) -> Step:
-        """Called once per denoiser call (before it runs): the Step of that call."""
+    def tick(self, tag: str, t: Any, context: str | None = None) -> Step:
+        """Called once per denoiser call (before it runs): the Step of that call (`context`: the call's name
+        within the step, see the module docstring)."""
         stream, self._stream = self._stream, False
         sched = self._scheduler()
         current = getattr(sched, "timesteps", None) if sched is not None else None
         if current is not None and current is not self._seen_timesteps:
             self.new_generation(current)  # set_timesteps ran on a scheduler we did not wrap
-        counter = self._counters.setdefault(tag, _Counter())
+        counter = self._counters.setdefault((tag, context), _Counter())
         host = None if stream else _host_values(t)
         per_sample = stream or (host is not None and any(v != host[0] for v in host))
         position = None if per_sample else self._position(t, host)
@@ -198,7 +202,7 @@ class Clock:
         count = (n - counter.origin if counter.origin is not None else n if gen.declared and not per_sample else 0) \
             or None
         last = count is not None and counter.index == count - 1
-        return Step(counter.index, position, count, counter.index == 0, last, new, per_sample, t)
+        return Step(counter.index, position, count, counter.index == 0, last, new, per_sample, t, context)
 
 
 @dataclass

@@ -1,19 +1,25 @@
-"""The per-pipeline runtime every feature attaches to: one clock, one hook per denoiser.
+"""The per-pipeline runtime every feature attaches to: one clock, one hook per denoiser, one way to agree.
 
-A feature (patch parallelism, DeepCache, a stream) attaches a `Subscriber` to a pipeline. The first attach
-installs the runtime: a wrapper of `scheduler.set_timesteps` (generation starts) and, on every denoiser, one
+A feature (patch parallelism, a cache, a stream) attaches a `Subscriber` to a pipeline. The first attach
+installs the runtime: a wrapper of `scheduler.set_timesteps` (generation starts), a wrapper of each denoiser's
+`cache_context` (diffusers' name for the call within a step, e.g. "cond" / "uncond") and, on every denoiser, one
 forward pre-hook that ticks the clock and calls each subscriber's `before`, and one forward hook that calls
 their `after` (newest first). The last detach removes it. Shape-only calls on the meta device (a feature
 measuring layer shapes) reach no subscriber.
+
+Decisions that every rank sharing the work must take alike (a data-dependent cache skip) go through one call,
+`Runtime.reduce_sum`: a sum over every rank of the patch (both CFG halves), or the value itself unpatched.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..errors import PatchError
 from . import hooks
@@ -27,12 +33,14 @@ FEATURE = "runtime"
 class Subscriber:
     """A feature's per-call callbacks. `before` may return new (args, kwargs); `after` a new output;
     `kind` says which kind of step the call is for this feature (e.g. DeepCache full / partial): features
-    that specialise per step kind (CUDA graphs) key on it."""
+    that specialise per step kind (CUDA graphs) key on it. `capturable`: False when the feature decides from data
+    inside a step (a whole step then cannot be one captured CUDA graph)."""
 
     name: str
     before: Callable[[Denoiser, Step, tuple, dict], tuple[tuple, dict] | None] | None = None
     after: Callable[[Denoiser, Step, Any], Any] | None = None
     kind: Callable[[], Any] | None = None
+    capturable: bool = True
 
 
 class Runtime:
@@ -43,7 +51,27 @@ class Runtime:
         self.clock = Clock(scheduler_source(pipe, scheduler))
         self.subscribers: list[Subscriber] = []
         self.steps: dict[str, Step] = {}  # the step of each denoiser call in flight
-        self._wrapped_schedulers: set[int] = set()
+        self.contexts: dict[str, str | None] = {}  # per denoiser: the cache_context name of the current call
+        self.group: dist.ProcessGroup | None = None  # every rank sharing the work (set by patch), for reduce_sum
+        self.static_buffers = False  # features keep step outputs at fixed addresses (set for CUDA graphs)
+
+    # ----------------------------------------------------------------------------------- features' API
+    def on_generation(self, fn: Callable[[Any], None]) -> Callable[[], None]:
+        """Call `fn(generation)` at every declared generation start; returns the function that removes it."""
+        self.clock.listeners.append(fn)
+        return lambda: self.clock.listeners.remove(fn) if fn in self.clock.listeners else None
+
+    def stream_call(self) -> None:
+        """The next denoiser call holds one timestep per sample (a stream batch)."""
+        self.clock.stream_call()
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over every rank sharing this pipeline's work (in place; `t` itself without a patch). The one
+        place where features agree on data-dependent decisions: every rank sees the same sum, so all take the
+        same branch. Costs one small all-reduce (NCCL: on the device; reading the result is a host sync)."""
+        if self.group is not None:
+            dist.all_reduce(t, group=self.group)
+        return t
 
     def step_kinds(self) -> tuple:
         """The kind of the current call for every feature that reports one."""
@@ -61,6 +89,23 @@ class Runtime:
         for d in self.denoisers:
             inst.pre_hook(d.module, self._pre(d), prepend=True)
             inst.post_hook(d.module, self._post(d))
+            if callable(getattr(d.module, "cache_context", None)):
+                inst.override(d.module, "cache_context", lambda inner, d=d: self._cache_context(d, inner))
+
+    def _cache_context(self, d: Denoiser, inner: Callable) -> Callable:
+        """diffusers' `model.cache_context(name)`, also telling the clock which call of the step runs."""
+
+        @contextlib.contextmanager
+        def cache_context(name, *args, **kwargs):
+            previous = self.contexts.get(d.tag)
+            self.contexts[d.tag] = name
+            try:
+                with inner(name, *args, **kwargs):
+                    yield
+            finally:
+                self.contexts[d.tag] = previous
+
+        return cache_context
 
     def _pre(self, d: Denoiser):
         @torch.compiler.disable
@@ -68,7 +113,7 @@ class Runtime:
             sample = d.sample(args, kwargs)
             if sample is None or sample.device.type == "meta" or not self.subscribers:
                 return None
-            step = self.clock.tick(d.tag, d.timestep(args, kwargs))
+            step = self.clock.tick(d.tag, d.timestep(args, kwargs), self.contexts.get(d.tag))
             self.steps[d.tag] = step
             changed = False
             for sub in list(self.subscribers):

@@ -235,7 +235,7 @@ class StreamDiffusion:
         kwargs = {"added_cond_kwargs": added_cond_kwargs} if added_cond_kwargs is not None else {}
         rt = runtime_of(self.unet)
         if rt is not None:  # features on this UNet (patch, DeepCache) learn that every row has its own timestep
-            rt.clock.stream_call()
+            rt.stream_call()
         return self.unet(x, t, encoder_hidden_states=emb, return_dict=False, **kwargs)[0]
 
     def _run_plan(self, plan: SlotPlan, x: torch.Tensor, stock: torch.Tensor | None):
