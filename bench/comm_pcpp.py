@@ -4,7 +4,7 @@ no CFG split). Bytes are counted by halodiff's comm layer (`halodiff.comm_stats`
 
     python bench/comm_pcpp.py --ranks 2 4 --json bench_out/comm_pcpp.json
 
-Floors computed from the UNet's exact layer shapes (ALGORITHMS.md §2): attention K/V 0.323 (N=2),
+Floors computed from the UNet's exact layer shapes (docs/algorithms.md §2): attention K/V 0.323 (N=2),
 0.179 (N=4); all bytes 0.383 / 0.252. Goals: attention <= 0.33 / 0.19, total <= 0.40 / 0.27.
 """
 from __future__ import annotations

@@ -58,6 +58,13 @@ def bench(benchmark):
     return run
 
 
+@pytest.fixture
+def smoke(benchmark) -> bool:
+    """True in the smoke run (`--benchmark-disable`, as `make test` runs it: every benchmark once, untimed), where
+    a benchmark may shrink what it marks as too big for it (e.g. test_segmented_attention_bench.SMOKE_HEADS)."""
+    return benchmark.disabled
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not ROWS:
         return

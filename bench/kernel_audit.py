@@ -19,8 +19,10 @@ TRITON CONTRACT: a module in triton_kernels/ may define `audit_configs() -> list
   name (str), fn (the @triton.jit function), signature (arg name -> "*fp16" | "i32" | "fp32" | "constexpr" ...),
   constexprs (arg name -> value), attrs (optional: arg name -> "D" for 16-divisible, or a list of
   [attribute, value] pairs, or a list of 16-divisible arg names), num_warps, num_stages, dtype (label),
-  head_dim or shape (label). A module without it is audited from FALLBACK_TRITON (the kernels as of this
-  audit's writing) while those still match its code, else skipped with the reason in the output.
+  head_dim or shape (label), archs (optional: the SM versions, e.g. (80,) or (90,), whose autotune candidates
+  hold the config when they differ by arch; absent: every audited arch). A module without it is audited from
+  FALLBACK_TRITON (the kernels as of this audit's writing) while those still match its code, else skipped with
+  the reason in the output.
 """
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CACHE = ROOT / "build" / "kernel_audit"
 ARCHS = (80, 90)
-SD_HEAD_DIMS = {40: "SD1.5 level 0", 64: "SD2.x/SDXL", 80: "SD1.5 level 1", 160: "SD1.5 levels 2-3"}
+# The head dims of the models halodiff serves (UNets, and DiTs' joint text + image attention).
+SD_HEAD_DIMS = {40: "SD1.5 level 0", 64: "SD2.x/SDXL, SD3/PixArt", 80: "SD1.5 level 1", 128: "Flux/Qwen-Image",
+                160: "SD1.5 levels 2-3"}
 
 MODEL = """Hot-loop bound model (static; one iteration of the innermost loop holding the tensor-core instructions, or
 the memory instructions for kernels without them). Four warps run the loop side by side, one per SM
@@ -503,7 +507,7 @@ def cuda_labels(pretty: str, lib: ctypes.CDLL | None) -> dict:
 
 
 def sd_label(head_dim: str) -> str:
-    """Which SD model head dims a (padded) head dim serves."""
+    """Which model head dims (SD UNets, DiTs) a (padded) head dim serves."""
     if not head_dim.isdigit():
         return ""
     dp = int(head_dim)
@@ -632,7 +636,7 @@ def _fallback_attention(mod) -> list[dict]:
     fn = mod._segmented_attention_fwd
     out = []
     for dtype, tt in (("fp16", "*fp16"), ("bf16", "*bf16")):
-        for d in (40, 64, 80, 160):
+        for d in (40, 64, 80, 128, 160):
             block_d = max(16, 1 << (d - 1).bit_length())
             bm, bn, warps, stages = mod._config(block_d, 2)
             sig = {}
@@ -778,6 +782,8 @@ def triton_rows(archs: tuple[int, ...], pattern: str | None, notes: list[str],
         if select and not select(cfg):
             continue
         for arch in archs:
+            if cfg.get("archs") and arch not in cfg["archs"]:
+                continue  # not an autotune candidate on this arch
             try:
                 k = compile_triton(cfg, arch)
             except Exception as exc:  # noqa: BLE001 - one failed config must not hide the others
@@ -792,8 +798,11 @@ def triton_rows(archs: tuple[int, ...], pattern: str | None, notes: list[str],
             r = res.get(name, {})
             total, loop, model = analyse(name, instrs, arch)
             threads = 32 * cfg.get("num_warps", 4)
+            consts = cfg.get("constexprs") or {}
+            tile = f"{consts['BLOCK_M']}x{consts['BLOCK_N']} " if "BLOCK_M" in consts and "BLOCK_N" in consts else ""
+            variant = f"{tile}warps={cfg.get('num_warps', 4)} stages={cfg.get('num_stages', 2)}"
             row = Row("triton", cfg["name"], f"sm_{arch}", str(cfg.get("dtype", "")), label,
-                      f"warps={cfg.get('num_warps', 4)} stages={cfg.get('num_stages', 2)} ({cfg['config_source']})",
+                      f"{variant} ({cfg['config_source']})",
                       name, threads, r.get("REG", 0), r.get("LOCAL", 0), ptxas_spills(k["ptx"], arch), k["shared"],
                       "triton metadata", sd_label(label) if "attention" in cfg["name"] else "",
                       total=total, loop=loop, model=model)
@@ -826,15 +835,15 @@ def write(rows: list[Row], notes: list[str], out: Path) -> tuple[Path, Path]:
 
 def summary(rows: list[Row]) -> str:
     """One line per SD-config row: what bounds its hot loop and the implied fraction of peak."""
-    lines = [f"{'backend':7} {'kernel':28} {'arch':5} {'dtype':5} {'D':>4} {'variant':22} {'regs':>4} {'spill':>5} "
+    lines = [f"{'backend':7} {'kernel':28} {'arch':5} {'dtype':5} {'D':>4} {'variant':24} {'regs':>4} {'spill':>5} "
              f"{'smem':>6} {'occ':>5} {'HMMA':>4} {'LDSM':>4} {'LDS':>4} {'LDGSTS':>6} {'ld/mma':>6} bound"]
     for r in rows:
         if r.kernel.startswith("seg_attn") and r.head_dim and not r.sd_config or r.dtype not in ("fp16", "bf16", ""):
-            continue  # the table shows the SD head dims and the 16-bit kernels; the files have every row
+            continue  # the table shows the model head dims and the 16-bit kernels; the files have every row
         frac = r.model.get("dense_peak_fraction")
         spill = r.spill_bytes if r.spill_bytes is not None else r.local_bytes
         lines.append(
-            f"{r.backend:7} {r.kernel[:28]:28} {r.arch:5} {r.dtype:5} {r.head_dim[:4]:>4} {r.variant[:22]:22} "
+            f"{r.backend:7} {r.kernel[:28]:28} {r.arch:5} {r.dtype:5} {r.head_dim[:4]:>4} {r.variant[:24]:24} "
             f"{r.regs:>4} {spill:>5} {r.smem_bytes or 0:>6} {r.occupancy.get('occupancy', ''):>5} "
             f"{r.loop.get('hmma', 0) + r.loop.get('wgmma', 0):>4} {r.loop.get('ldsm', 0):>4} {r.loop.get('lds', 0):>4} "
             f"{r.loop.get('ldgsts', 0):>6} {r.shared_loads_per_mma if r.shared_loads_per_mma is not None else '':>6} "

@@ -2,7 +2,9 @@
 
 Each case is one rank's attention in a patch-parallel step: q = the rank's band of a latent's tokens, K/V
 segments = what that rank attends to. PCPP (halo_fraction 0.3): own band + ceil(0.3 · band rows) latent
-rows of each neighbour; DistriFusion: every rank's band. TFLOP/s counts the two matmuls
+rows of each neighbour; DistriFusion: every rank's band. DiTs (SD3-medium, Flux.1 at 1024 px, 2 and 4 ranks;
+shapes.joint_attention_rank): joint attention, q = the rank's band + every text token, the text as one more K/V
+segment; the smoke run (`--benchmark-disable`) runs them with SMOKE_HEADS heads. TFLOP/s counts the two matmuls
 (4 · B · H · Lq · Lk · D); `ratio_vs_torch` (bench/conftest.py) = baseline ms / backend ms of the same run.
 CPU runs fp32 (the Triton interpreter is not benchmarked); GPUs fp16.
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, HAS_CUDA
 from halodiff import ops
 from halodiff.ops import registry
+from shapes import joint_attention_rank
 
 DTYPE = torch.float16 if HAS_CUDA else torch.float32
 BACKENDS = [b for b in ("cuda", "triton", "cpu", "reference")
@@ -37,6 +40,12 @@ CASES = {
     "sdxl_64x64_pcpp_n2_d64": (2, 10, 64, 32 * 64, [32 * 64, 10 * 64]),
     "sdxl_32x32_pcpp_n2_d64": (2, 20, 64, 16 * 32, [16 * 32, 5 * 32]),
 }
+# DiT joint attention at 1024 px (64x64 image tokens, 24 heads): SD3 D=64 + 333 text tokens, Flux D=128 + 512.
+DIT_CASES = {f"{model}_1024_{mode}_n{n}": joint_attention_rank(model, n, mode)
+             for model in ("sd3", "flux") for n in (2, 4) for mode in ("distrifusion", "pcpp")}
+CASES.update(DIT_CASES)
+# Heads in the smoke run (the token layout, head dim and segments stay): a full DiT case is 33-145 GFLOP per call.
+SMOKE_HEADS = dict.fromkeys(DIT_CASES, 1)
 
 
 def _inputs(B, H, D, Lq, lens):
@@ -51,8 +60,10 @@ def _inputs(B, H, D, Lq, lens):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
-def test_segmented_attention(bench, backend, case):
+def test_segmented_attention(bench, smoke, backend, case):
     B, H, D, Lq, lens = CASES[case]
+    if smoke:
+        H = SMOKE_HEADS.get(case, H)
     q, ks, vs = _inputs(B, H, D, Lq, lens)
     flops = 4.0 * B * H * Lq * sum(lens) * D
     if backend == "torch":

@@ -151,7 +151,7 @@ def prompt_embeds(batch: int = 1, seed: int = 11) -> tuple[torch.Tensor, torch.T
 
 
 def band_rows(height: int, deep_height: int, n: int, j: int) -> tuple[int, int]:
-    """Rows [s, e) of band j at a UNet level of global height `height`: ALGORITHMS.md §1, written here
+    """Rows [s, e) of band j at a UNet level of global height `height`: docs/algorithms.md §1, written here
     independently of halodiff.parallel.geometry so that a geometry bug cannot cancel out in the tests.
     The deepest level's rows are split into n bands whose sizes differ by at most one (larger ones last);
     a level k halvings above it (smallest k with height <= 2^k * deep) scales the split by 2^k, clipped."""

@@ -4,7 +4,9 @@ CUDA targets (sm_90 and sm_80, fp16/bf16 v2 segmented attention, every instantia
 from the SASS of the built extension: the hot loop has LDSM, LDGSTS (cp.async) and HMMA, at most 1.0
 shared-memory load instruction (LDS + LDSM) per HMMA, and the function uses no local memory (no spills).
 Triton targets (attention, fp16, D = 40/64/80, sm_80 and sm_90): 16-byte global loads, cp.async, 0 spill
-bytes; compiled in a child process because the tests run Triton in its interpreter.
+bytes; compiled in a child process because the tests run Triton in its interpreter. Head dim 128 (Flux,
+Qwen-Image): every fp16/bf16 tile of the CUDA v2 kernel and every fp16/bf16 Triton autotune candidate (per arch)
+compiles with 0 spill bytes, with the hot loop's HMMA/LDSM/LDGSTS counts that one K/V tile implies.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from kernel_utils import triton_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,6 +159,33 @@ def test_cuda_attention_v2_meets_the_audit_targets(cuda_audit, arch):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("head_dim", ["64", "128"])
+def test_cuda_attention_v2_dit_head_dims(cuda_audit, arch, head_dim):
+    """DiT head dims (SD3/PixArt 64, Flux/Qwen-Image 128), fp16 and bf16, every v2 tile: no spills, and a hot loop
+    that is exactly one K/V tile of BN keys per warp: MT * BN * DP / 64 HMMA (Q.K^T and P.V), DP * BN / 128
+    ldmatrix.x4 (K and V; Q stays in registers), 2 * BN * DP / 8 / threads 16-byte cp.async (the next K/V tile)."""
+    rows, notes = cuda_audit
+    lib = ka.layout_lib()
+    dp = int(head_dim)
+    tiles = [(w, mt) for w, mt in ((4, 1), (4, 2), (1, 1)) if lib.hd_v2_tile_supported(dp, w, mt)]
+    for dtype in ("fp16", "bf16"):
+        for w, mt in tiles:
+            variant = f"v2 {16 * w * mt}-row tile"
+            mine = [r for r in rows if r.kernel == "seg_attn_v2_kernel" and r.arch == arch and r.dtype == dtype
+                    and r.head_dim == head_dim and r.variant == variant]
+            assert len(mine) == 1, (dtype, variant, notes)
+            r, bn = mine[0], lib.hd_v2_block_n(dp, w)
+            what = f"{arch} {dtype} D={head_dim} {variant}"
+            assert r.local_bytes == 0 and r.total["stl"] == 0 and r.total["ldl"] == 0, f"{what}: spills"
+            assert 0 < r.regs <= 255 and r.threads == 32 * w, what
+            assert lib.hd_v2_q_in_regs(dp, mt), what
+            assert r.loop["hmma"] == mt * bn * dp // 64, f"{what}: {r.loop}"
+            assert r.loop["ldsm"] == dp * bn // 128 and r.loop["lds"] == 0, f"{what}: {r.loop}"
+            assert r.loop["ldgsts"] == 2 * bn * dp // 8 // (32 * w), f"{what}: {r.loop}"
+            assert r.total["stg_16b"] > 0, what
+
+
 def test_cuda_v1_kept_and_merge_kernel_present(cuda_audit):
     rows, _ = cuda_audit
     names = {(r.kernel, r.arch) for r in rows}
@@ -169,8 +200,10 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import kernel_audit as ka
 seen = set()
-def pick(cfg):  # the first config (autotune candidate) of each fp16 head dim: a representative subset
-    d = str(cfg.get("head_dim"))
+def pick(cfg):  # the first config (autotune candidate) of each fp16 head dim: a representative subset; at head
+    d = str(cfg.get("head_dim"))  # dim 128 (Flux, Qwen-Image) every fp16/bf16 candidate (on its archs)
+    if d == "128":
+        return cfg.get("dtype") in ("fp16", "bf16")
     if cfg.get("dtype") != "fp16" or d not in ("40", "64", "80") or d in seen:
         return False
     seen.add(d)
@@ -200,7 +233,7 @@ def triton_audit():
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("head_dim", ["40", "64", "80"])
+@pytest.mark.parametrize("head_dim", ["40", "64", "80", "128"])
 def test_triton_attention_meets_the_audit_targets(triton_audit, arch, head_dim):
     rows, notes = triton_audit
     mine = [r for r in rows if r["arch"] == arch and r["head_dim"] == head_dim]
@@ -214,9 +247,26 @@ def test_triton_attention_meets_the_audit_targets(triton_audit, arch, head_dim):
 def test_triton_audit_runs_the_compiler_not_the_interpreter(triton_audit):
     """The Triton part of the audit compiled real cubins (the interpreter cannot: a silent skip would pass)."""
     rows, notes = triton_audit
-    want = {(a, d) for a in ("sm_80", "sm_90") for d in ("40", "64", "80")}
+    want = {(a, d) for a in ("sm_80", "sm_90") for d in ("40", "64", "80", "128")}
     assert {(r["arch"], r["head_dim"]) for r in rows} == want, notes
     assert all(r["fn_instrs"] > 0 and r["regs"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_attention_head_dim_128_every_candidate(triton_audit, arch):
+    """Every fp16/bf16 autotune candidate at head dim 128 on this arch compiled, without spills, with tensor-core
+    instructions in its hot loop (sm_90: wgmma for tiles of >= 64 rows, mma.sync for the 32-row one)."""
+    rows, notes = triton_audit
+    sa = triton_module("segmented_attention")
+    for dtype in ("fp16", "bf16"):
+        mine = [r for r in rows if r["arch"] == f"sm_{arch}" and r["head_dim"] == "128" and r["dtype"] == dtype]
+        want = {f"{bm}x{bn} warps={w} stages={st}" for bm, bn, w, st in sa.configs_for(128, 2, arch)}
+        assert {r["variant"].split(" (")[0] for r in mine} == want, notes
+        for r in mine:
+            what = f"sm_{arch} {dtype} D=128 {r['variant']}"
+            assert r["spill_bytes"] == 0 and r["local_bytes"] == 0, f"{what}: spills {r['spill_bytes']} B"
+            assert r["loop_hmma"] + r["loop_wgmma"] > 0, f"{what}: no tensor-core instructions in the hot loop"
+            assert r["fn_ldg_16b"] > 0 and r["fn_ldgsts"] > 0, what
 
 
 def test_cli_writes_json_and_csv(cuda_audit, tmp_path, capsys):

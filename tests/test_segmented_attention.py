@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_CUDA, run_device
-from kernel_utils import AtenOps, triton_module
+from kernel_utils import AtenOps, joint_attention_inputs, triton_module
 from halodiff import BackendUnavailableError, ops
 from halodiff._native import native
 from halodiff.ops import reference
@@ -113,6 +113,50 @@ def test_blocking_boundaries(backend):
     exact16 = _exact(q.half(), [k.half() for k in ks], [v.half() for v in vs])
     torch16 = F.scaled_dot_product_attention(q.half(), torch.cat(ks, 2).half(), torch.cat(vs, 2).half())
     assert (got16.double() - exact16).abs().max() <= 2 * (torch16.double() - exact16).abs().max() + 1e-6
+
+
+# DiT joint attention under patch parallelism (SD3, PixArt: D = 64; Flux, Qwen-Image: D = 128): q = one rank's
+# text + image band tokens (text first: Flux/Qwen, last: SD3), keys [text, bands...] (kernel_utils.joint_attention_
+# inputs). Bands of 3x5 / 2x5 tokens (5-token rows), text 7 or 13 tokens; PCPP halos of partial rows, an empty
+# segment (no band above rank 0) and a 1-token one. name: (text, bands, rank, text_first, halo).
+JOINT_LAYOUTS = {
+    "distrifusion-text-first": (7, [15, 15, 10], 1, True, None),
+    "distrifusion-text-last-edge": (13, [15, 15, 10], 2, False, None),
+    "pcpp-top-text-first": (7, [10, 15, 15], 0, True, (0, 1)),
+    "pcpp-mid-text-last": (13, [15, 10, 15], 1, False, (5, 7)),
+}
+
+
+def _check_joint(got, q, ks, vs, what):
+    """fp32: within 1e-5 of the exact result (float64 SDPA on the concatenated K/V); fp16/bf16: error vs it
+    <= 2x that of torch's own low-precision SDPA on the concatenated K/V."""
+    assert got.shape == q.shape and got.dtype == q.dtype and got.transpose(1, 2).is_contiguous(), what
+    k, v = torch.cat(ks, 2), torch.cat(vs, 2)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    if q.dtype == torch.float32:
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=2e-5, msg=lambda m: f"{what}: {m}")
+        return
+    err = (got.double() - exact).abs().max().item()
+    base = (F.scaled_dot_product_attention(q, k, v).double() - exact).abs().max().item()
+    assert err <= 2 * base + 1e-6, f"{what}: error {err:.3g} > 2 x torch's {base:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("layout", list(JOINT_LAYOUTS))
+def test_dit_joint_attention(backend, monkeypatch, layout, D, dtype):
+    """Every backend on the joint-attention layouts of DiTs; the native CPU op on both of its paths."""
+    text, bands, rank, text_first, halo = JOINT_LAYOUTS[layout]
+    torch.manual_seed(D)
+    q, ks, vs = joint_attention_inputs(1, 2, D, text, bands, rank, text_first=text_first, halo=halo,
+                                       device=run_device(backend), dtype=dtype)
+    assert q.shape[2] == text + bands[rank] and ks[0].shape[2] == text
+    for path in ("fused", "flash") if backend == "cpu" else ("",):
+        if path:
+            monkeypatch.setenv("HALODIFF_CPU_ATTENTION", path)
+        with ops.use_backend(backend):
+            got = ops.segmented_attention(q, ks, vs)
+        _check_joint(got, q, ks, vs, f"{backend} {path} {layout} D={D} {dtype}")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -302,7 +346,7 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("D", [40, 64, 80, 160, 100, 256])
+@pytest.mark.parametrize("D", [40, 64, 80, 128, 160, 100, 256])
 def test_cuda_kernels(backend, dtype, D):
     """GPU paths: tensor cores (fp16/bf16), exact fp32, wide heads (BN = 32 tiles), non-16-multiple D."""
     torch.manual_seed(6)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from halodiff._native import native
 from halodiff.ops import reference
+from kernel_utils import joint_attention_inputs
 
 pytestmark = pytest.mark.cuda
 
@@ -71,7 +72,7 @@ VARIANTS = [(1, 0, 0), (2, 0, 0), (2, 16, 1), (2, 64, 1), (2, 128, 1), (2, 64, 3
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"v{v[0]}-bm{v[1]}-s{v[2]}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D", [40, 64, 80, 160, 24, 100, 256])
+@pytest.mark.parametrize("D", [40, 64, 80, 128, 160, 24, 100, 256])
 def test_variants(variant, dtype, D):
     version, block_m, splits = variant
     if block_m == 128 and D > 64 or block_m == 16 and D > 160:
@@ -81,6 +82,48 @@ def test_variants(variant, dtype, D):
     torch.manual_seed(D)
     q, ks, vs = inputs(2, 3, 150, D, [0, 65, 200, 1, 31], dtype)
     check(run(q, ks, vs, version, block_m, splits), q, ks, vs)
+
+
+# DiT joint attention on patch-parallel ranks (kernel_utils.joint_attention_inputs): q = text + own band (text
+# first: Flux/Qwen-Image, last: SD3), keys [text, bands...]; 4 ranks of 5/5/4/4 rows x 24 tokens, text 77 or 154,
+# PCPP halos of partial rows, an empty segment at the top edge, a 1-token one. name: (text, bands, rank,
+# text_first, halo).
+JOINT = {
+    "distrifusion-text-first": (77, [120, 120, 96, 96], 1, True, None),
+    "distrifusion-text-last": (154, [120, 120, 96, 96], 3, False, None),
+    "pcpp-top-text-last": (154, [120, 120, 96, 96], 0, False, (0, 1)),
+    "pcpp-mid-text-first": (77, [120, 120, 96, 96], 2, True, (37, 29)),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"v{v[0]}-bm{v[1]}-s{v[2]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("layout", list(JOINT))
+def test_dit_joint_attention_layouts(layout, D, dtype, variant):
+    """Every kernel variant (v1, v2 tiles and splits; fp32: the SIMT kernel) on DiT joint-attention layouts."""
+    version, block_m, splits = variant
+    if block_m == 128 and D > 64 or dtype == torch.float32 and variant != (2, 0, 0):
+        pytest.skip("no 128-row tile above head dim 64" if block_m == 128 else "fp32 has one kernel")
+    text, bands, rank, text_first, halo = JOINT[layout]
+    torch.manual_seed(D + rank)
+    q, ks, vs = joint_attention_inputs(2, 3, D, text, bands, rank, text_first=text_first, halo=halo, device="cuda",
+                                       dtype=dtype)
+    check(run(q, ks, vs, version, block_m, splits), q, ks, vs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_dit_joint_attention_full_size(model, dtype):
+    """Per-rank shapes at 1024 px on 4 ranks (64 x 64 tokens, 24 heads): SD3 (D = 64, text 333, text last) and
+    Flux (D = 128, text 512, text first); DistriFusion (every band) and PCPP (1.5 rows of each neighbour)."""
+    D, text, text_first = (64, 333, False) if model == "sd3" else (128, 512, True)
+    torch.manual_seed(16)
+    for halo in (None, (96, 96)):
+        q, ks, vs = joint_attention_inputs(1, 24, D, text, [16 * 64] * 4, 1, text_first=text_first, halo=halo,
+                                           device="cuda", dtype=dtype)
+        for version in (1, 2):
+            check(run(q, ks, vs, version), q, ks, vs)
 
 
 @pytest.mark.parametrize("Lq", [1, 7, 16, 17, 63])

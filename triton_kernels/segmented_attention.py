@@ -21,6 +21,7 @@ its BLOCK_M output rows once.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -234,12 +235,29 @@ _CONFIGS = {
     (4, 128): [(64, 16, 8, 2)],
     (4, 256): [(32, 16, 8, 2)],
 }
+# Candidates that spill at one padded head dim on one side of sm_90 (mma.sync below, wgmma from sm_90 on), and
+# the tile that replaces them there: (element size, padded head dim, sm_90+) -> {candidate: replacement}.
+# Head dim 128 (Flux, Qwen-Image): 16-bit 128 x 64 (8 warps, 3 stages) spills 12 bytes on sm_80 (128 x 32:
+# 184 registers, none); fp32 64 x 16 spills 1,524 bytes on sm_90 (32 x 16: 76 registers, none).
+_SPILL_FIXES = {
+    (2, 128, False): {(128, 64, 8, 3): (128, 32, 8, 3)},
+    (4, 128, True): {(64, 16, 8, 2): (32, 16, 8, 2)},
+}
 
 
-def configs_for(head_dim: int, elem_size: int) -> list[tuple[int, int, int, int]]:
-    """The autotune candidates on a GPU for a head dim and element size."""
+def configs_for(head_dim: int, elem_size: int, arch: int = 90) -> list[tuple[int, int, int, int]]:
+    """The autotune candidates on a GPU of compute capability `arch` (80, 86, 90, ...) for a head dim and element
+    size."""
     d_pad = sum(head_dim_pieces(head_dim))
-    return _CONFIGS[(min(elem_size, 4), 64 if d_pad <= 64 else 128 if d_pad <= 128 else 256)]
+    elem = min(elem_size, 4)
+    fixes = _SPILL_FIXES.get((elem, d_pad, arch >= 90), {})
+    return [fixes.get(c, c) for c in _CONFIGS[(elem, 64 if d_pad <= 64 else 128 if d_pad <= 128 else 256)]]
+
+
+@functools.cache
+def _arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 # The CPU interpreter has no register file; its cost is per op and program plus numpy's (slow) fp16 matmuls.
@@ -248,7 +266,11 @@ _INTERPRETER_CONFIG = (64, 64, 4, 3)
 
 def _prune(configs, named_args, **kwargs):
     d_pad = kwargs["P0"] + kwargs["P1"] + kwargs["P2"]
-    allowed = [_INTERPRETER_CONFIG] if interpreting() else configs_for(d_pad, named_args["Q"].element_size())
+    q = named_args["Q"]
+    if interpreting():
+        allowed = [_INTERPRETER_CONFIG]
+    else:
+        allowed = configs_for(d_pad, q.element_size(), _arch(q.device.index or 0))
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
 
 
@@ -256,7 +278,8 @@ def _triton_config(c: tuple[int, int, int, int]) -> triton.Config:
     return triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3])
 
 
-_ALL_CONFIGS = list(dict.fromkeys(c for cs in _CONFIGS.values() for c in cs))
+_ALL_CONFIGS = list(dict.fromkeys([c for cs in _CONFIGS.values() for c in cs] +
+                                   [c for fix in _SPILL_FIXES.values() for c in fix.values()]))
 _attention_kernel = triton.autotune(
     configs=[_triton_config(c) for c in _ALL_CONFIGS],
     key=["Lq", "lk_bucket", "HEAD_DIM", "NSEG", "FIRST", "LAST"],
@@ -341,16 +364,19 @@ def segmented_attention(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.
 
 
 def audit_configs() -> list[dict]:
-    """Every autotune candidate at the SD/SDXL head dims (SD1.5: 40/80/160, SDXL: 64), per dtype, as launched
-    for a PCPP band (3 segments, one launch). Pointers are 16-byte aligned; strides in units of ALIGN."""
+    """Every autotune candidate at the SD/SDXL head dims (SD1.5: 40/80/160, SDXL: 64) and the DiT ones (SD3,
+    PixArt: 64; Flux, Qwen-Image: 128), per dtype, as launched for a PCPP band (3 segments, one launch), with the
+    archs (sm_80, sm_90) whose candidate lists hold it. Pointers are 16-byte aligned; strides in units of ALIGN."""
     fn = _segmented_attention_fwd
     out = []
     for dtype, elem, tt in (("fp16", 2, "*fp16"), ("bf16", 2, "*bf16"), ("fp32", 4, "*fp32")):
-        for d in (40, 64, 80, 160):
+        for d in (40, 64, 80, 128, 160):
             p0, p1, p2 = head_dim_pieces(d)
             consts = dict(NSEG=3, FIRST=True, LAST=True, HEAD_DIM=d, ALIGN=16 // elem, P0=p0, P1=p1, P2=p2,
                           PRECISION="ieee" if elem == 4 else "tf32")
-            for bm, bn, warps, stages in configs_for(d, elem):
+            per_arch = {arch: configs_for(d, elem, arch) for arch in (80, 90)}
+            for bm, bn, warps, stages in dict.fromkeys(c for cs in per_arch.values() for c in cs):
+                archs = tuple(a for a, cs in per_arch.items() if (bm, bn, warps, stages) in cs)
                 sig = {}
                 for name in fn.arg_names:
                     if name in consts or name in ("BLOCK_M", "BLOCK_N"):
@@ -364,5 +390,5 @@ def audit_configs() -> list[dict]:
                 out.append(dict(name="segmented_attention", fn=fn, signature=sig,
                                 constexprs=dict(consts, BLOCK_M=bm, BLOCK_N=bn),
                                 attrs=[n for n, t in sig.items() if t.startswith("*")], num_warps=warps,
-                                num_stages=stages, dtype=dtype, head_dim=d))
+                                num_stages=stages, dtype=dtype, head_dim=d, archs=archs))
     return out

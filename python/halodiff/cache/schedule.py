@@ -1,7 +1,7 @@
 """DeepCache step schedules: which denoising steps run the whole UNet ("full" steps).
 
 Everything else is a partial step that runs only the shallow path on cached deep features
-(ALGORITHMS.md §3). The schedule is fixed before the first step, never decided from data.
+(docs/algorithms.md §4). The schedule is fixed before the first step, never decided from data.
 """
 from __future__ import annotations
 

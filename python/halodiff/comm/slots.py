@@ -1,6 +1,6 @@
 """Point-to-point traffic of a StreamDiffusion stream whose denoising slots live on several ranks.
 
-Pipeline parallel over slots (ALGORITHMS.md §4, [ours]): rank r of the group holds a contiguous range of the
+Pipeline parallel over slots (docs/algorithms.md §6, halodiff's own): rank r of the group holds a contiguous range of the
 n slots (:func:`split_slots`). Per frame every rank runs its own slots' UNet rows, then
 
 - sends the latent its last slot hands to the next slot (and that slot's stock noise, for RCFG) to rank r+1 and

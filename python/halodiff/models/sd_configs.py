@@ -50,3 +50,38 @@ def unet_inputs(name: str, batch: int, latent_hw: tuple[int, int], generator=Non
                                      dtype=dtype, device=device).repeat(batch, 1),
         }
     return sample, text, extra
+
+
+# SD3-medium's transformer (stabilityai/stable-diffusion-3-medium, transformer/config.json): 24 joint blocks of
+# 24 heads x 64, 2x2 patches of 16 latent channels. Benchmarks take its widths with fewer blocks (`layers`):
+# the speedup of a band split is a per-block property, the block count only scales the time.
+SD3_MEDIUM_TRANSFORMER: dict = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+SD3_TEXT_SEQ = 333  # 77 CLIP + 256 T5 tokens (StableDiffusion3Pipeline's default max_sequence_length)
+
+
+def dit_config(name: str, layers: int | None = None) -> dict:
+    configs = {"sd3m": SD3_MEDIUM_TRANSFORMER}
+    if name not in configs:
+        raise ValueError(f"unknown DiT {name!r}; choose one of {', '.join(configs)}")
+    cfg = dict(configs[name])
+    if layers is not None:
+        cfg["num_layers"] = int(layers)
+    return cfg
+
+
+def dit_inputs(name: str, batch: int, latent_hw: tuple[int, int], text_len: int = SD3_TEXT_SEQ, generator=None,
+               dtype=None, device="cpu") -> dict:
+    """Random call kwargs (without the timestep) with the shapes StableDiffusion3Pipeline feeds the transformer."""
+    import torch
+
+    cfg = dit_config(name)
+    dtype = dtype or torch.float32
+    g = generator or torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    return dict(hidden_states=rnd(batch, cfg["in_channels"], *latent_hw),
+                encoder_hidden_states=rnd(batch, text_len, cfg["joint_attention_dim"]),
+                pooled_projections=rnd(batch, cfg["pooled_projection_dim"]))

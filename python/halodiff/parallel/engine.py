@@ -21,7 +21,8 @@ from torch import nn
 from ..comm import CommStats
 from ..config import ParallelConfig
 from ..errors import HalodiffError, PatchError
-from ..runtime import Denoiser, Installation, Step, Subscriber, attach, denoisers, install, lookup, uninstall
+from ..runtime import (Denoiser, Installation, Step, Subscriber, attach, denoisers, install, lookup, runtime_of,
+                       uninstall)
 from ..runtime.adapters import latent_scale
 from .distrifusion import DistriFusion
 from .graphs import StepGraphs
@@ -91,7 +92,7 @@ class _Steps:
         topo = ctx.split if (ctx.split is not None and (B % 2 == 0 or guess)) else ctx.full
         if topo is ctx.split and not guess:
             args = _split_batch(args, B, ctx.cfg_half)
-            kwargs = _split_batch(kwargs, B, ctx.cfg_half)
+            kwargs = {k: (v if k in d.spec.unbatched else _split_batch(v, B, ctx.cfg_half)) for k, v in kwargs.items()}
             sample = d.sample(args, kwargs)
         grid = d.spec.grid(d.module, args, kwargs) if d.spec.tokens else None
         signature = (tuple(sample.shape), sample.dtype, sample.device, topo.ranks, grid)
@@ -174,13 +175,17 @@ def _graphs_usable(config: ParallelConfig, dens: list[Denoiser]) -> bool:
     return True
 
 
+def _check_capturable(rt) -> None:
+    for sub in rt.subscribers if rt is not None else ():
+        if not sub.capturable:
+            raise PatchError(f"halodiff.patch(cuda_graphs=True): the {sub.name} feature decides from data inside a "
+                             "step, so a step cannot be one captured CUDA graph; use cuda_graphs=False with it")
+
+
 def _kinds_for_graphs(rt) -> tuple:
     """Per-feature step kinds for the graph key (features keep their step outputs at fixed addresses)."""
     rt.static_buffers = True
-    for sub in rt.subscribers:
-        if not sub.capturable:
-            raise PatchError(f"halodiff.patch(cuda_graphs=True): {sub.name} decides from data inside a step, so a "
-                             "step cannot be one captured CUDA graph; use cuda_graphs=False with it")
+    _check_capturable(rt)
     return rt.step_kinds()
 
 
@@ -193,6 +198,8 @@ def _install(pipe, config: ParallelConfig, make_context: Callable[[ParallelConfi
         if lookup(d.module, FEATURE) is not None:
             raise PatchError(f"halodiff.patch: its {d.tag} is already patched through another pipeline object")
         d.spec.check(d.module)
+    if config.cuda_graphs:
+        _check_capturable(runtime_of(pipe))
 
     def build(inst: Installation) -> ParallelContext:
         ctx = make_context(config)

@@ -107,6 +107,7 @@ class Clock:
         self._seen_timesteps: Any = None  # the scheduler's timesteps object at the last generation start
         self._counters: dict[str, _Counter] = {}
         self._stream = False
+        self._scaled = False
         self.listeners: list[Callable[[_Generation], None]] = []  # called at every declared generation start
 
     # ------------------------------------------------------------------------------ generations
@@ -151,6 +152,9 @@ class Clock:
             table = self.generation.values()
             if table is not None and host[0] in table:
                 return table.index(host[0])
+            if table is not None and self._scaled:  # value / scale * scale: float round-off, match to 1e-4
+                near = [i for i, v in enumerate(table) if abs(v - host[0]) <= 1e-4 * max(1.0, abs(v))]
+                return near[0] if len(near) == 1 else None
         return None
 
     def _restarted(self, counter: _Counter, t: Any, host: list[float] | None, position: int | None,
@@ -170,9 +174,10 @@ class Clock:
         previous, counter.last_value = counter.last_value, value
         return previous is not None and value > previous
 
-    def tick(self, tag: str, t: Any, context: str | None = None) -> Step:
+    def tick(self, tag: str, t: Any, context: str | None = None, scale: float = 1.0) -> Step:
         """Called once per denoiser call (before it runs): the Step of that call (`context`: the call's name
-        within the step, see the module docstring)."""
+        within the step, see the module docstring; `scale`: the scheduler's timesteps are the model's timestep
+        times `scale`, e.g. 1000 for Flux and Qwen-Image, whose pipelines pass t / 1000)."""
         stream, self._stream = self._stream, False
         sched = self._scheduler()
         current = getattr(sched, "timesteps", None) if sched is not None else None
@@ -180,6 +185,9 @@ class Clock:
             self.new_generation(current)  # set_timesteps ran on a scheduler we did not wrap
         counter = self._counters.setdefault((tag, context), _Counter())
         host = None if stream else _host_values(t)
+        self._scaled = scale != 1.0
+        if host is not None and self._scaled:
+            host = [v * scale for v in host]
         per_sample = stream or (host is not None and any(v != host[0] for v in host))
         position = None if per_sample else self._position(t, host)
         if counter.generation == self.generation.number and self._restarted(counter, t, host, position, per_sample):

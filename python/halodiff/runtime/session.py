@@ -113,7 +113,7 @@ class Runtime:
             sample = d.sample(args, kwargs)
             if sample is None or sample.device.type == "meta" or not self.subscribers:
                 return None
-            step = self.clock.tick(d.tag, d.timestep(args, kwargs), self.contexts.get(d.tag))
+            step = self.clock.tick(d.tag, d.timestep(args, kwargs), self.contexts.get(d.tag), d.spec.timestep_scale)
             self.steps[d.tag] = step
             changed = False
             for sub in list(self.subscribers):

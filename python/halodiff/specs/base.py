@@ -129,7 +129,9 @@ class ModelSpec:
     tag: str = ""  # default denoiser tag for a bare model ("unet", "transformer", "controlnet")
     sample: str = "sample"
     timestep: str = "timestep"
+    timestep_scale: float = 1.0  # the scheduler's timestep = the model's timestep argument x this (Flux: 1000)
     residuals: tuple[str, ...] = ()  # kwargs with full-size ControlNet residuals (cut to the band)
+    unbatched: tuple[str, ...] = ()  # tensor kwargs without a batch dim (never cut by the CFG split)
     split: tuple[TokenSplit, ...] = ()  # empty: the UNet way (the first conv reads the full input)
     gather: TokenGather | None = None  # None: the prediction's rows are gathered at the model's output
 

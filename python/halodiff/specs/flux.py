@@ -19,7 +19,9 @@ class FluxSpec(DiTSpec):
     family = "flux"
     classes = ("FluxTransformer2DModel",)
     text = "first"
+    timestep_scale = 1000.0  # its pipeline passes the scheduler's timestep / 1000
     residuals = ("controlnet_block_samples", "controlnet_single_block_samples")
+    unbatched = ("img_ids", "txt_ids")
     split = (TokenSplit("x_embedder", dim=1), TokenSplit("pos_embed", dim=0, text_first=True))
     gather = TokenGather("proj_out", dim=1)
 

@@ -18,6 +18,7 @@ class QwenImageSpec(DiTSpec):
     family = "qwen_image"
     classes = ("QwenImageTransformer2DModel",)
     text = "first"
+    timestep_scale = 1000.0  # its pipeline passes the scheduler's timestep / 1000
     residuals = ("controlnet_block_samples",)
     split = (TokenSplit("img_in", dim=1), TokenSplit("pos_embed", dim=0, items=(0,)))
     gather = TokenGather("proj_out", dim=1)

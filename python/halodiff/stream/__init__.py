@@ -1,5 +1,5 @@
 """StreamDiffusion for diffusers pipelines: Stream Batch, residual CFG, similarity filter, I/O queue, slots across
-ranks (ALGORITHMS.md §4)."""
+ranks (docs/algorithms.md §6)."""
 from .config import CFG_TYPES, StreamConfig
 from .filter import SimilarImageFilter
 from .io import to_pil, to_tensor, to_uint8

@@ -1,4 +1,4 @@
-"""StreamDiffusion (Kodaira et al. 2023) on an existing diffusers pipeline: ALGORITHMS.md §4.
+"""StreamDiffusion (Kodaira et al. 2023) on an existing diffusers pipeline: docs/algorithms.md §6.
 
 The stream holds the pipeline's parts (UNet, VAE, text encoder via ``pipe.encode_prompt``) and its own
 ``LCMScheduler.from_config(pipe.scheduler.config)``; it installs nothing on the pipeline. Every UNet call goes

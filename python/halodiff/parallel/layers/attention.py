@@ -155,7 +155,7 @@ def stale(step: StepInfo, key: str, k, v, rows: int, cols: int):
 
 @dataclass
 class _SlotViews:
-    sig: tuple
+    layout: object  # the comm layout they view (a new layout makes new views)
     stale: list  # (K, V) of the rows above (if any), then below (if any)
     below: bool
     send: list  # (K dst, V dst, first token, end token or 0 = the band's end)
@@ -164,12 +164,11 @@ class _SlotViews:
 def _slot_views(step: StepInfo, key: str, k) -> _SlotViews:
     """The K/V views of a layer's static slots, made once per layout: stale segments to attend to, and the
     [B, r·cols, H, D] halves of the send slots with the token range of the band they take."""
+    views = step.model.slot_views.get(key)
+    if views is not None and views.layout is step.comm.layout:
+        return views
     up, down = step.comm.send_slots(key)
     top, bot = step.comm.recv_slots(key)
-    sig = tuple(t.data_ptr() if t is not None else None for t in (up, down, top, bot))
-    views = step.model.slot_views.get(key)
-    if views is not None and views.sig == sig:
-        return views
     B, H, L, D = k.shape
     stale_ = [split_kv(t.reshape(B, -1, 2 * H * D), H, D) for t in (top, bot) if t is not None]
     send = []
@@ -178,7 +177,7 @@ def _slot_views(step: StepInfo, key: str, k) -> _SlotViews:
             n = slot.shape[-2] * slot.shape[-1] // (2 * H * D)  # tokens in the slot
             d = slot.reshape(B, n, 2, H, D)
             send.append((d[:, :, 0], d[:, :, 1], 0 if at_top else L - n, n if at_top else 0))
-    views = step.model.slot_views[key] = _SlotViews(sig, stale_, bot is not None, send)
+    views = step.model.slot_views[key] = _SlotViews(step.comm.layout, stale_, bot is not None, send)
     return views
 
 
