@@ -136,3 +136,29 @@ def test_one_rank_is_unchanged_and_errors(family):
         halodiff.patch(model)
     halodiff.unpatch(model)
     assert torch.equal(_loop(model, family, sample, kwargs, sched, 2), ref)
+
+
+def _residuals_worker(rank, world, family):
+    """Full-size ControlNet residuals (from an unpatched ControlNet) are cut to the band."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = tiny_transformer(family).double()
+    sample, kwargs = dit_inputs(family, 2, 5, 4, text_len=5, seed=0)
+    sample = sample.double()
+    kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+    inner = model.config.num_attention_heads * model.config.attention_head_dim
+    g = torch.Generator().manual_seed(3)
+    res = [torch.randn(2, 20, inner, generator=g).double() for _ in range(2)]
+    kwargs["block_controlnet_hidden_states" if family == "sd3" else "controlnet_block_samples"] = res
+    sched = FlowMatchEulerDiscreteScheduler()
+    ref = _loop(model, family, sample, kwargs, sched)
+    halodiff.patch(model, mode="sync", split_cfg=False, scheduler=sched)
+    got = _loop(model, family, sample, kwargs, sched)
+    halodiff.unpatch(model)
+    return ref, got
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_full_size_controlnet_residuals(family):
+    for ref, got in run_ranks(_residuals_worker, 2, family):
+        assert _rel(got, ref) <= TOL

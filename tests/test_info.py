@@ -16,6 +16,8 @@ def test_info_json_lists_every_op_and_backend(capsys):
     for op in ("group_stats", "group_norm", "halo_pack"):
         assert set(data["ops"][op]) == {"cuda", "triton", "cpu", "reference"}
         assert data["ops"][op]["reference"] == []
+    assert {"unet2d", "sd3", "flux", "pixart", "qwen_image"} <= set(data["model_families"])
+    assert data["cache_methods"] == ["deepcache", "first_block"]
     if not data["cuda_available"]:
         assert data["ops"]["group_norm"]["cuda"], "cuda must report why it cannot run without a GPU"
 

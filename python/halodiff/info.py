@@ -8,7 +8,9 @@ from typing import Any
 import torch
 
 from ._native import native
+from .cache import methods
 from .ops import BACKEND_ORDER, report
+from .specs import supported
 
 
 def _version(dist: str) -> str | None:
@@ -40,6 +42,8 @@ def collect() -> dict[str, Any]:
             "error": state.error,
         },
         "device": device,
+        "model_families": supported(),
+        "cache_methods": methods(),
         "backend_order": list(BACKEND_ORDER),
         "ops": report(device),
     }
@@ -56,6 +60,9 @@ def format_text(info: dict[str, Any]) -> str:
         "native CUDA ops halodiff._C_cuda: "
         + (f"loaded, archs {n['cuda_archs']} {n['cuda_path']}" if n["cuda_kernels"] else
            f"not loaded: {n['cuda_error'] or n['error']}"),
+        "model families (patch / caches): " + "; ".join(f"{fam}: {', '.join(names)}"
+                                                         for fam, names in info["model_families"].items()),
+        "cache methods: " + ", ".join(info["cache_methods"]),
         f"backends per op for {info['device']} tensors (tried in order {' -> '.join(info['backend_order'])}):",
     ]
     for op, backends in info["ops"].items():
