@@ -111,7 +111,8 @@ setup(
     python_requires=">=3.10",
     package_dir={"": "python", "halodiff.triton_kernels": "triton_kernels"},
     packages=find_packages("python") + ["halodiff.triton_kernels"],
-    package_data={"halodiff.models": ["digits_model/**/*", "digits_model/*"]},
+    package_data={"halodiff.models": ["digits_model/**/*", "digits_model/*", "digits_dit_model/**/*",
+                                      "digits_dit_model/*"]},
     include_package_data=True,
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={

@@ -182,6 +182,30 @@ class LabelEmbedding(ModelMixin, ConfigMixin):
         return tokens.view(labels.shape[0], self.config.num_tokens, self.config.cross_attention_dim)
 
 
+OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
+
+
+def validate_labels(labels: int | list[int], num_labels: int, output_type: str) -> list[int]:
+    """``labels`` as a non-empty list of ints in ``[0, num_labels)``; also checks ``output_type``."""
+    label_list = [labels] if isinstance(labels, int) else [int(v) for v in labels]
+    if not label_list or any(not 0 <= v < num_labels for v in label_list):
+        raise ValueError(f"labels must be a non-empty list of ints in [0, {num_labels}), got {labels!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}")
+    return label_list
+
+
+def latents_to_output(latents: torch.Tensor, output_type: str) -> Any:
+    """Final ``[B, 1, 32, 32]`` latents in about [-1, 1] -> ``output_type`` (see ``DigitsPipeline.__call__``)."""
+    if output_type == "latent":
+        return latents
+    images = (latents / 2 + 0.5).clamp(0, 1).float()
+    if output_type == "pt":
+        return images
+    images = images.permute(0, 2, 3, 1).cpu().numpy()
+    return DiffusionPipeline.numpy_to_pil(images) if output_type == "pil" else images
+
+
 class DigitsPipeline(DiffusionPipeline):
     """Class-conditional digit generation with classifier-free guidance (DDIM by default)."""
 
@@ -207,12 +231,7 @@ class DigitsPipeline(DiffusionPipeline):
         ``output_type``: ``"pil"`` (grayscale 32x32), ``"np"`` (float ``[B, 32, 32, 1]`` in [0, 1]),
         ``"pt"`` (``[B, 1, 32, 32]`` in [0, 1]) or ``"latent"`` (raw ``[B, 1, 32, 32]`` in about [-1, 1]).
         """
-        label_list = [labels] if isinstance(labels, int) else [int(v) for v in labels]
-        num_labels = self.label_embedding.config.num_labels
-        if not label_list or any(not 0 <= v < num_labels for v in label_list):
-            raise ValueError(f"labels must be a non-empty list of ints in [0, {num_labels}), got {labels!r}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"unknown output_type {output_type!r}")
+        label_list = validate_labels(labels, self.label_embedding.config.num_labels, output_type)
         device = self._execution_device
         batch = len(label_list)
         do_cfg = guidance_scale > 1.0
@@ -241,14 +260,7 @@ class DigitsPipeline(DiffusionPipeline):
             latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
         self.maybe_free_model_hooks()
-        if output_type == "latent":
-            images: Any = latents
-        else:
-            images = (latents / 2 + 0.5).clamp(0, 1).float()
-            if output_type != "pt":
-                images = images.permute(0, 2, 3, 1).cpu().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
+        images = latents_to_output(latents, output_type)
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
@@ -289,14 +301,17 @@ def load_digits_pipeline(
 
 
 def sample_accuracy(
-    pipe: DigitsPipeline,
+    pipe: DiffusionPipeline,
     per_class: int = 10,
     num_inference_steps: int = 20,
     guidance_scale: float = 2.0,
     seed: int = 0,
     classifier: DigitClassifier | None = None,
 ) -> tuple[float, np.ndarray]:
-    """Generate ``per_class`` images of each digit; return (classifier accuracy, images ``[B,32,32,1]``)."""
+    """Generate ``per_class`` images of each digit; return (classifier accuracy, images ``[B,32,32,1]``).
+
+    ``pipe`` is any digits pipeline with ``DigitsPipeline``'s call signature (e.g. ``DigitsDiTPipeline``).
+    """
     labels = [d for d in range(NUM_CLASSES) for _ in range(per_class)]
     generator = torch.Generator("cpu").manual_seed(seed)
     images = pipe(
