@@ -80,7 +80,7 @@ class _Steps:
             return None
         if clock.per_sample and ctx.strategy.stale and ctx.world > 1:
             raise HalodiffError(
-                f"halodiff.patch(mode={ctx.config.mode!r}): this UNet call holds samples at different timesteps (a stream "
+                f"halodiff.patch(mode={ctx.config.mode!r}): this {d.tag} call holds samples at different timesteps (a stream "
                 "batch, e.g. halodiff.StreamDiffusion), so there is no previous step whose boundary data could be "
                 "reused; patch with ParallelConfig(mode='sync') for streams")
         sample = d.sample(args, kwargs)
