@@ -92,8 +92,10 @@ def _modes_worker(rank, world, family, rows, cols):
     return out
 
 
-CASES = [("sd3", 2, 7, 6), ("sd3", 4, 9, 4), ("flux", 2, 5, 6), ("flux", 3, 10, 6), ("pixart", 3, 7, 4),
-         ("pixart", 4, 10, 3), ("qwen", 2, 7, 4), ("qwen", 3, 8, 5)]
+# every family at N = 2, 3, 4, with token-row counts that do not divide by N (uneven bands)
+CASES = [("sd3", 2, 7, 6), ("sd3", 3, 7, 4), ("sd3", 4, 9, 4), ("flux", 2, 5, 6), ("flux", 3, 10, 6),
+         ("flux", 4, 6, 3), ("pixart", 2, 5, 4), ("pixart", 3, 7, 4), ("pixart", 4, 10, 3), ("qwen", 2, 7, 4),
+         ("qwen", 3, 8, 5), ("qwen", 4, 7, 3)]
 
 
 @pytest.mark.parametrize("family, world, rows, cols", CASES)
