@@ -5,8 +5,6 @@ and writes y (3 × numel × itemsize); the torch baseline row uses the same byte
 NCHW and channels_last inputs (read in place by every backend). group_norm_stale (DistriFusion's async
 GroupNorm: band stats + corrected stale estimate + normalise + SiLU in one op) is compared with the same
 computation in plain torch ops (`reference.group_norm_stale`, what the engine ran before the fused op).
-halo_pack GB/s counts the packed bytes read + written (2 × buffer bytes); baselines: slicing + torch.cat,
-and one contiguous copy of the same number of bytes (the memcpy floor).
 """
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ import torch.nn.functional as F
 from conftest import DEVICE, HAS_CUDA
 from halodiff import ops
 from halodiff.ops import reference, registry
-from shapes import conv_halo_inputs
 
 GN_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16)]
 DTYPE = torch.float16 if HAS_CUDA else torch.float32
@@ -91,24 +88,3 @@ def test_group_stats(bench, backend, shape):
             with ops.use_backend(backend):
                 return ops.group_stats(x, 32)
     bench(fn, name="group_stats", shape=shape, dtype=DTYPE, backend=backend, bytes=x.numel() * x.element_size())
-
-
-@pytest.mark.parametrize("backend", ["torch", "memcpy"] + BACKENDS)
-def test_halo_pack_sd15_step(bench, backend):
-    """All boundary rows (1 top + 1 bottom) of every 3x3 conv input of an SD1.5 step, N=2, 64x64 latent."""
-    shapes = conv_halo_inputs(latent=64, batch=2, ranks=2)
-    ts = [torch.randn(s, device=DEVICE).to(DTYPE) for s in shapes]
-    total = sum(t[:, :, :1].numel() * 2 for t in ts)
-    nbytes = 2 * total * ts[0].element_size()
-    out = torch.empty(total, device=DEVICE, dtype=DTYPE)
-    src = torch.randn(total, device=DEVICE).to(DTYPE)
-    if backend == "torch":
-        fn = lambda: torch.cat([t[:, :, :1].reshape(-1) for t in ts] + [t[:, :, -1:].reshape(-1) for t in ts])  # noqa: E731
-    elif backend == "memcpy":
-        fn = lambda: out.copy_(src)  # noqa: E731
-    else:
-        def fn():
-            with ops.use_backend(backend):
-                return ops.halo_pack(ts, 1, 1, out=out)
-    shape = (len(ts), total)
-    bench(fn, name="halo_pack_sd15_step", shape=shape, dtype=DTYPE, backend=backend, bytes=nbytes)

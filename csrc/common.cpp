@@ -1,5 +1,5 @@
 // Shared by the CPU and the CUDA kernels (compiled into both halodiff._C and halodiff._C_cuda): input
-// checks, the group-norm input/statistics plumbing and the halo-pack plan. No op registration here.
+// checks and the group-norm input/statistics plumbing. No op registration here.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -45,72 +45,6 @@ void check_stats(const c10::optional<at::Tensor>& stats, const at::Tensor& x, in
   if (!stats.has_value() || !stats->defined()) return;
   check_sums(*stats, x, num_groups, "stats");
   TORCH_CHECK_VALUE(count > 0, "halodiff: count (elements per group covered by stats) must be > 0, got ", count);
-}
-
-std::vector<HaloSegment> halo_plan(at::TensorList tensors, at::IntArrayRef top, at::IntArrayRef bottom,
-                                   int64_t* total) {
-  const int64_t n = static_cast<int64_t>(tensors.size());
-  TORCH_CHECK_VALUE(n > 0, "halodiff: halo_pack needs a non-empty list of tensors");
-  TORCH_CHECK_VALUE(top.size() == 1 || static_cast<int64_t>(top.size()) == n,
-                    "halodiff: top must have 1 or len(tensors)=", n, " entries, got ", top.size());
-  TORCH_CHECK_VALUE(bottom.size() == 1 || static_cast<int64_t>(bottom.size()) == n,
-                    "halodiff: bottom must have 1 or len(tensors)=", n, " entries, got ", bottom.size());
-  std::vector<HaloSegment> plan(n);
-  int64_t offset = 0;
-  for (int pass = 0; pass < 2; ++pass) {  // pass 0 lays out the tops, pass 1 the bottoms
-    for (int64_t i = 0; i < n; ++i) {
-      const at::Tensor& t = tensors[i];
-      HaloSegment& s = plan[i];
-      if (pass == 0) {
-        TORCH_CHECK_VALUE(t.dim() >= 2, "halodiff: tensors[", i, "] must have >= 2 dims (rows = dim -2), got ",
-                          t.sizes());
-        TORCH_CHECK_TYPE(t.scalar_type() == tensors[0].scalar_type(), "halodiff: tensors[", i, "] has dtype ",
-                         t.scalar_type(), " but tensors[0] has ", tensors[0].scalar_type());
-        TORCH_CHECK_VALUE(t.device() == tensors[0].device(), "halodiff: tensors[", i, "] is on ", t.device(),
-                          " but tensors[0] is on ", tensors[0].device());
-        s.top = top.size() == 1 ? top[0] : top[i];
-        s.bottom = bottom.size() == 1 ? bottom[0] : bottom[i];
-        s.rows = t.size(-2);
-        s.row_len = t.size(-1);
-        TORCH_CHECK_VALUE(s.top >= 0 && s.bottom >= 0 && s.top + s.bottom <= s.rows, "halodiff: tensors[", i,
-                          "] has ", s.rows, " rows; top=", s.top, " and bottom=", s.bottom,
-                          " must be >= 0 with top + bottom <= rows");
-        s.outer = 1;
-        for (int64_t d = 0; d < t.dim() - 2; ++d) s.outer *= t.size(d);
-        s.src = t.data_ptr();
-        s.stride_row = t.stride(-2);
-        // Leading dims must flatten to one stride and the last dim must be dense; the Python
-        // layer makes other layouts contiguous before calling in.
-        bool ok = t.size(-1) <= 1 || t.stride(-1) == 1;
-        int64_t expect = -1;
-        for (int64_t d = t.dim() - 3; d >= 0; --d) {
-          if (t.size(d) == 1) continue;
-          if (expect >= 0 && t.stride(d) != expect) ok = false;
-          if (expect < 0) s.stride_outer = t.stride(d);
-          expect = t.stride(d) * t.size(d);
-        }
-        if (expect < 0) s.stride_outer = s.rows * s.row_len;
-        TORCH_CHECK_VALUE(ok, "halodiff: tensors[", i, "] has an unsupported layout (strides ", t.strides(),
-                          "); pass t.contiguous()");
-        s.top_offset = offset;
-        offset += s.outer * s.top * s.row_len;
-      } else {
-        s.bottom_offset = offset;
-        offset += s.outer * s.bottom * s.row_len;
-      }
-    }
-  }
-  *total = offset;
-  return plan;
-}
-
-void check_pack_out(const at::Tensor& out, at::TensorList tensors, int64_t total) {
-  TORCH_CHECK_VALUE(out.dim() == 1 && out.numel() == total && out.is_contiguous(),
-                    "halodiff: out must be a contiguous 1-D buffer of ", total, " elements, got shape ", out.sizes());
-  TORCH_CHECK_TYPE(out.scalar_type() == tensors[0].scalar_type(), "halodiff: out has dtype ", out.scalar_type(),
-                   " but the tensors have ", tensors[0].scalar_type());
-  TORCH_CHECK_VALUE(out.device() == tensors[0].device(), "halodiff: out is on ", out.device(),
-                    " but the tensors are on ", tensors[0].device());
 }
 
 void check_group_norm_args(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,

@@ -1,5 +1,5 @@
 // Shared declarations for halodiff's native ops: input checks, the group-norm statistics math
-// (host and device) and the halo-pack plan used by both the CPU and the CUDA implementations.
+// (host and device), shared by the CPU and the CUDA implementations.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
@@ -113,24 +113,6 @@ StatsSource stats_source(const GroupInput& in, const c10::optional<at::Tensor>& 
 StatsSource stale_source(const GroupInput& in, const at::Tensor& stale_global, const at::Tensor& stale_local,
                          double count, double eps);
 
-// One tensor's part in a halo pack: its first `top` and last `bottom` rows
-// (dim -2) are copied to out[top_offset ...] and out[bottom_offset ...].
-struct HaloSegment {
-  const void* src;      // data pointer of the source tensor
-  int64_t outer;        // product of the leading dims (B*C)
-  int64_t stride_outer; // elements between consecutive outer indices (outer dims must flatten)
-  int64_t stride_row;   // elements between consecutive rows
-  int64_t rows;         // h
-  int64_t row_len;      // W (innermost dim, stride 1)
-  int64_t top, bottom;  // rows to copy from each end
-  int64_t top_offset, bottom_offset;  // element offsets in the output buffer
-};
-
-// Validates the inputs and computes the packed layout:
-// [top rows of t0, top rows of t1, ..., bottom rows of t0, bottom rows of t1, ...].
-std::vector<HaloSegment> halo_plan(at::TensorList tensors, at::IntArrayRef top,
-                                   at::IntArrayRef bottom, int64_t* total);
-void check_pack_out(const at::Tensor& out, at::TensorList tensors, int64_t total);
 // q [B, H, Lq, D] and K/V segments [B, H, Lk_i, D] of one dtype and device; scale finite and > 0.
 void check_segmented_attention(const at::Tensor& q, at::TensorList ks, at::TensorList vs, c10::optional<double> scale);
 

@@ -39,6 +39,17 @@ def backend(request) -> str:
     return request.param
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Close the rank pools of parallel_utils (if a test used them) before the session ends: under pytest-xdist
+    this runs in each worker before it reports back, atexit only after (possibly too late, see close_pools)."""
+    import sys
+
+    utils = sys.modules.get("parallel_utils")
+    if utils is not None:
+        utils.close_pools()
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

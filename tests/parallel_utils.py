@@ -98,9 +98,11 @@ def run_ranks(fn: Callable, world: int, *args, timeout_s: float = 240.0, allow_e
 
 
 @atexit.register
-def _close_pools() -> None:
-    for pool in _POOLS.values():
-        pool.close()
+def close_pools() -> None:
+    """Stop every rank pool within a few seconds (then kill): conftest calls this at session finish, which under
+    pytest-xdist runs before the worker reports back (the controller kills a worker that lingers 10 s after)."""
+    launch.shutdown(list(_POOLS.values()), timeout_s=5.0)
+    _POOLS.clear()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

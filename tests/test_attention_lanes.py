@@ -1,7 +1,7 @@
 """The v2 segmented-attention kernel's warp-level maps, checked on the CPU against a numpy model of the PTX ISA.
 
 csrc/attention_layout.cuh holds the index math the kernel runs (swizzle, ldmatrix lane addresses, copy units,
-fragment maps, tile walk, splits); a ctypes shim of it (bench/kernel_audit.layout_lib) is called here. The
+fragment maps, tile walk, splits); a ctypes shim of it (halodiff.audit.layout_lib) is called here. The
 ISA side is written from the PTX ISA tables, independently of the header:
 - mma.m16n8k16 (.f16/.bf16): A a0..a7: row = g (+8 for i in {2,3,6,7}), col = 2t + (i & 1) (+8 for i >= 4);
   B b0..b3: k = 2t + (i & 1) (+8 for i >= 2), n = g; C c0..c3: row = g (+8 for i >= 2), col = 2t + (i & 1);
@@ -25,7 +25,7 @@ TILES = [(4, 1), (4, 2), (1, 1)]  # (warps, m-tiles per warp)
 
 
 def _load_audit():
-    from test_kernel_audit import ka  # bench/kernel_audit.py, loaded once
+    import halodiff.audit as ka
 
     return ka
 

@@ -13,7 +13,7 @@ def test_info_json_lists_every_op_and_backend(capsys):
     data = json.loads(capsys.readouterr().out)
     for key in ("torch", "triton", "diffusers", "torch_cuda", "native", "ops"):
         assert key in data
-    for op in ("group_stats", "group_norm", "halo_pack"):
+    for op in ("group_stats", "group_norm", "group_norm_stale"):
         assert set(data["ops"][op]) == {"cuda", "triton", "cpu", "reference"}
         assert data["ops"][op]["reference"] == []
     assert {"unet2d", "sd3", "flux", "pixart", "qwen_image"} <= set(data["model_families"])

@@ -43,15 +43,6 @@ def _stale(**kw):
         (lambda: _stale(count=float("nan")), ValueError, "count"),
         (lambda: _stale(weight=torch.randn(3)), ValueError, "weight must have shape"),
         (lambda: _stale(x=torch.randn(2, 8, 4)), ValueError, "4-D"),
-        (lambda: ops.halo_pack([], 1, 1), ValueError, "non-empty"),
-        (lambda: ops.halo_pack(torch.randn(2, 3, 4, 4), 1, 1), TypeError, "list of tensors"),
-        (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4)], 3, 2), ValueError, "top \\+ bottom must be <= rows"),
-        (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4)], -1, 0), ValueError, ">= 0"),
-        (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).half()], 1, 1), TypeError, "dtype"),
-        (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4)] * 2, [1], 1), ValueError, "one per tensor"),
-        (lambda: ops.halo_pack([torch.randn(4)], 1, 1), ValueError, ">= 2 dims"),
-        (lambda: ops.halo_pack([torch.randn(2, 3, 4, 4)], 1, 1, out=torch.empty(5)), ValueError, "out must be"),
-        (lambda: ops.halo_unpack(torch.empty(10), [(2, 3, 4, 4)], 1, 1), ValueError, "pack to 48"),
     ],
 )
 def test_bad_input(call, exc, match):
@@ -67,8 +58,8 @@ def test_native_op_checks_raise_value_errors():
         pytest.skip(native().error)
     with pytest.raises(ValueError, match="divisible"):
         torch.ops.halodiff.group_stats(torch.randn(2, 8, 4, 4), 3)
-    with pytest.raises(ValueError, match="top \\+ bottom <= rows"):
-        torch.ops.halodiff.halo_pack([torch.randn(2, 3, 4, 4)], [3], [2])
+    with pytest.raises(ValueError, match="ks and vs must have the same length"):
+        torch.ops.halodiff.segmented_attention(torch.randn(1, 2, 3, 8), [torch.randn(1, 2, 3, 8)], [], None)
 
 
 def test_forced_backend_that_cannot_run_raises(monkeypatch):

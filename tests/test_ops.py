@@ -1,4 +1,4 @@
-"""Every backend of group_stats / group_norm / halo_pack vs the pure-torch reference."""
+"""Every backend of group_stats / group_norm vs the pure-torch reference."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_device
-from kernel_utils import AtenOps, triton_module
 from halodiff import ops
 from halodiff.ops import reference
 
@@ -105,51 +104,6 @@ def test_group_norm_negative_variance_from_stats_is_clamped(backend):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _halo_inputs(dev, dtype):
-    return [
-        torch.randn(2, 3, 5, 7, device=dev).to(dtype),
-        torch.randn(1, 4, 6, 3, device=dev).to(dtype)[:, :, 1:, :],  # row-sliced view (non-contiguous)
-        torch.randn(3, 1, 1, 33, device=dev).to(dtype),  # h = 1
-        torch.randn(2, 5, 4, 9, device=dev).to(dtype).transpose(1, 2).transpose(1, 2).contiguous(memory_format=torch.channels_last),
-        torch.randn(4, 8, device=dev).to(dtype),  # 2-D: rows x W
-    ]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_halo_pack_matches_reference(backend, dtype):
-    dev = run_device(backend)
-    ts = _halo_inputs(dev, dtype)
-    tops, bottoms = [1, 2, 1, 0, 3], [2, 0, 0, 4, 1]
-    with ops.use_backend(backend):
-        got = ops.halo_pack(ts, tops, bottoms)
-        out = torch.full_like(got, float("nan"))
-        ops.halo_pack(ts, tops, bottoms, out=out)
-    want = reference.halo_pack(ts, tops, bottoms)
-    assert got.dtype == dtype and torch.equal(got, want) and torch.equal(out, want)
-
-
-def test_halo_pack_int_rows_and_unpack_roundtrip(backend):
-    dev = run_device(backend)
-    ts = [torch.randn(2, 6, 8, 5, device=dev), torch.randn(2, 12, 4, 3, device=dev)]
-    with ops.use_backend(backend):
-        buf = ops.halo_pack(ts, 1, 2)
-    views = ops.halo_unpack(buf, ts, 1, 2)
-    for t, (top, bot) in zip(ts, views):
-        assert torch.equal(top, t[:, :, :1]) and torch.equal(bot, t[:, :, -2:])
-        assert top.data_ptr() >= buf.data_ptr()  # views into the buffer, no copy
-    # tops of all tensors first (what goes to the rank above), then all bottoms
-    n_top = sum(t[:, :, :1].numel() for t in ts)
-    assert torch.equal(buf[:n_top], torch.cat([t[:, :, :1].reshape(-1) for t in ts]))
-
-
-def test_halo_pack_zero_rows(backend):
-    dev = run_device(backend)
-    ts = [torch.randn(2, 3, 4, 5, device=dev)]
-    with ops.use_backend(backend):
-        assert ops.halo_pack(ts, 0, 0).numel() == 0
-        torch.testing.assert_close(ops.halo_pack(ts, 4, 0), ts[0].reshape(-1), rtol=0, atol=0)
-
-
 def test_group_ops_float64_keep_float64_precision(backend):
     """float64 inputs get float64 sums, so patch-parallel GroupNorm in float64 stays exact to ~1e-15."""
     dev = run_device(backend)
@@ -166,34 +120,6 @@ def test_group_ops_float64_keep_float64_precision(backend):
     torch.testing.assert_close(y_affine, F.silu(F.group_norm(x, 3, w, b, eps=1e-6)), rtol=1e-12, atol=1e-12)
 
 
-def test_halo_pack_many_tensors(backend):
-    """More tensors than the Triton kernel's per-launch slots (8), with odd widths and row counts."""
-    dev = run_device(backend)
-    g = torch.Generator().manual_seed(4)
-    ts = [torch.randn(2, 1 + i % 3, 3 + i % 4, 5 + 3 * i, generator=g).to(dev) for i in range(11)]
-    tops, bottoms = [i % 3 for i in range(11)], [(i + 1) % 3 for i in range(11)]
-    with ops.use_backend(backend):
-        got = ops.halo_pack(ts, tops, bottoms)
-    assert torch.equal(got, reference.halo_pack(ts, tops, bottoms))
-
-
-def test_triton_halo_pack_has_no_host_table(monkeypatch):
-    """Tensors travel as scalar kernel arguments, 8 per launch: no torch.tensor(list) per call, only the
-    launches and the output allocation."""
-    from halodiff.triton_kernels import _common
-
-    hp = triton_module("halo_pack")
-    calls = []
-    monkeypatch.setattr(_common, "launch", lambda kernel, grid, *a, **k: calls.append(k))
-    ts = [torch.randn(2, 4, 6, 16) for _ in range(10)]
-    out = torch.empty(10 * 2 * 4 * 3 * 16)
-    with AtenOps() as rec:
-        hp.halo_pack(ts, [1] * 10, [2] * 10, out)
-        hp.halo_pack(ts[:3], [1] * 3, [2] * 3, None)
-    assert [c["NSEG"] for c in calls] == [8, 2, 3] and calls[0]["ALIGN"] == 4  # 16-byte units of fp32
-    assert set(rec.names) <= {"empty"}, rec.names
-
-
 @pytest.mark.cuda
 def test_triton_ops_launch_on_the_tensors_gpu():
     """Tensors on cuda:1 while cuda:0 is current: the Triton launchers guard the device."""
@@ -204,8 +130,6 @@ def test_triton_ops_launch_on_the_tensors_gpu():
     q = torch.randn(1, 2, 9, 40, device=dev, dtype=torch.float16)
     with torch.cuda.device(0), ops.use_backend("triton"):
         y = ops.group_norm(x, 2, silu=True)
-        p = ops.halo_pack([x], 1, 2)
         a = ops.segmented_attention(q, [q[:, :, :4], q[:, :, 4:]], [q[:, :, :4], q[:, :, 4:]])
     torch.testing.assert_close(y, F.silu(F.group_norm(x, 2)), rtol=1e-5, atol=2e-5)
-    assert torch.equal(p, reference.halo_pack([x], [1], [2]))
     torch.testing.assert_close(a, F.scaled_dot_product_attention(q, q, q), rtol=2e-3, atol=2e-3)

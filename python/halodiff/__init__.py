@@ -10,7 +10,7 @@ from .cache import (DeepCacheConfig, FirstBlockCacheConfig, deepcache_schedule, 
                     enable_cache, enable_deepcache)
 from .comm import CommStats
 from .config import ParallelConfig
-from .errors import BackendUnavailableError, CommTimeoutError, HalodiffError, PatchError
+from .errors import BackendUnavailableError, CommTimeoutError, HalodiffError, MissingDependencyError, PatchError
 from .parallel import comm_stats, patch, unpatch
 from .runtime import new_generation
 from .stream import StreamDiffusion
@@ -34,6 +34,7 @@ __all__ = [
     "unpatch",
     "CommTimeoutError",
     "HalodiffError",
+    "MissingDependencyError",
     "PatchError",
     "StreamDiffusion",
     "__version__",

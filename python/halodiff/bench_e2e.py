@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import launch
+from ._optional import require_all
 
 
 @dataclass
@@ -132,6 +133,7 @@ def run(model: str = "sd15", latent: int | tuple[int, int] = 64, ranks: int = 2,
         modes: tuple[str, ...] = ("sync", "distrifusion"), split_cfg: bool = False, warmup: int = 1, timed: int = 3,
         threads: int = 1, halo_fraction: float = 0.3, baseline: bool = True, layers: int | None = None,
         text_len: int | None = None) -> list[E2EResult]:
+    require_all(("diffusers",), "halodiff bench e2e")
     hw = (latent, latent) if isinstance(latent, int) else tuple(latent)
     results = []
     base = None

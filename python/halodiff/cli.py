@@ -138,20 +138,12 @@ def _bench_kernels(args) -> int:
 
 
 def _bench_audit(args) -> int:
-    path = Path(__file__).resolve().parents[2] / "bench" / "kernel_audit.py"
-    if not path.exists():
-        return _fail(f"kernel audit not found at {path} (run from a source checkout of halodiff)")
-    mod = sys.modules.get("kernel_audit")
-    if mod is None:
-        import importlib.util
+    from .audit import main as audit_main  # the installed package's audit (kernel sources optional)
 
-        spec = importlib.util.spec_from_file_location("kernel_audit", path)
-        mod = sys.modules["kernel_audit"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
     argv = ["--out", str(args.out), "--arch", args.arch]
     argv += ["--only", args.only] if args.only else []
     argv += ["--kernels", args.kernels] if args.kernels else []
-    return mod.main(argv)
+    return audit_main(argv)
 
 
 def _stream(args) -> int:

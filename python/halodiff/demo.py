@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import launch
+from ._optional import require, require_all
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,7 @@ def report_table(results: list[MethodResult]) -> str:
 
 
 def write_outputs(results: list[MethodResult], out: Path, meta: dict) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the demo's grid and plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -205,6 +205,7 @@ def run_demo(out: Path, ranks: int = 2, steps: int = 20, per_class: int = 3,
     import os
     import platform
 
+    require_all(("diffusers", "sklearn", "matplotlib"), "halodiff demo")
     t0 = time.perf_counter()
     results = run_methods(ranks, steps, per_class, methods=methods)
     meta = {

@@ -16,3 +16,8 @@ class CommTimeoutError(HalodiffError, TimeoutError):
 
 class PatchError(HalodiffError, ValueError):
     """patch()/unpatch() misuse: double patch, unpatch of an unpatched model, unsupported model."""
+
+
+class MissingDependencyError(HalodiffError, ImportError):
+    """A feature needs an optional package (diffusers, pillow, ...) that is not installed; the message names the
+    pip command."""

@@ -1,4 +1,4 @@
-"""`halodiff info`: versions, native build state, and per-op backend availability."""
+"""`halodiff info`: versions, native build state, optional packages and per-op backend availability."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from . import _optional
 from ._native import native
 from .cache import methods
 from .ops import BACKEND_ORDER, report
@@ -29,7 +30,8 @@ def collect() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": _version("triton"),
-        "diffusers": _version("diffusers"),
+        "diffusers": _version("diffusers") if _optional.available("diffusers") else None,
+        "optional": _optional.report(),
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "native": {
@@ -49,6 +51,14 @@ def collect() -> dict[str, Any]:
     }
 
 
+def _optional_lines(optional: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for name, p in optional.items():
+        state = (p["version"] or "found") if p["available"] else f"not installed (pip install {p['pip']})"
+        lines.append(f"  {name:<12} {state}; for {'; '.join(p['needed_by'])}")
+    return lines
+
+
 def format_text(info: dict[str, Any]) -> str:
     n = info["native"]
     lines = [
@@ -60,6 +70,8 @@ def format_text(info: dict[str, Any]) -> str:
         "native CUDA ops halodiff._C_cuda: "
         + (f"loaded, archs {n['cuda_archs']} {n['cuda_path']}" if n["cuda_kernels"] else
            f"not loaded: {n['cuda_error'] or n['error']}"),
+        "optional packages (import halodiff, the ops, patch and caches need only torch, numpy, tqdm):",
+        *_optional_lines(info.get("optional", {})),
         "model families (patch / caches): " + "; ".join(f"{fam}: {', '.join(names)}"
                                                          for fam, names in info["model_families"].items()),
         "cache methods: " + ", ".join(info["cache_methods"]),

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._optional import require
+
+require("diffusers", "the shipped digits model (halodiff.models.digits)")
 from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -66,9 +69,8 @@ def downsample_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    datasets = require("sklearn.datasets", "the digits dataset (sklearn's load_digits)")
+    data = datasets.load_digits()
     return data.images.astype(np.float32), data.target.astype(np.int64)
 
 
@@ -93,8 +95,8 @@ class ClassifierConfig:
 
 @functools.lru_cache(maxsize=4)
 def _fit_classifier(cfg: ClassifierConfig) -> tuple[Any, float]:
-    from sklearn.model_selection import train_test_split
-    from sklearn.svm import SVC
+    train_test_split = require("sklearn.model_selection", "the digits classifier").train_test_split
+    SVC = require("sklearn.svm", "the digits classifier").SVC  # noqa: N806
 
     images8, labels = _load_sklearn_digits()
     x = images8.reshape(len(images8), -1).astype(np.float64)

@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from .._optional import require
+
+require("diffusers", "the shipped digits DiT model (halodiff.models.digits_dit)")
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, SD3Transformer2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor

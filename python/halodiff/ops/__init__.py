@@ -3,8 +3,6 @@
     group_stats(x, num_groups)                     -> [B, G, 2] float64 (Σx, Σx²), additive over bands
     group_norm(x, num_groups, weight, bias, eps, *, silu, stats, count)
     group_norm_stale(x, num_groups, weight, bias, eps, *, silu, stale_global, stale_local, count) -> (y, local)
-    halo_pack(tensors, top, bottom, *, out=None)   -> flat buffer [tops..., bottoms...]
-    halo_unpack(buffer, like, top, bottom)         -> [(top_view, bottom_view), ...]
     segmented_attention(q, ks, vs, scale=None)     -> softmax(q·Kᵀ·scale)·V over concatenated segments
 
 Backends are tried in the order cuda → triton → cpu → reference; see `registry` for forcing one.
@@ -25,8 +23,6 @@ __all__ = [
     "group_norm",
     "group_norm_stale",
     "group_stats",
-    "halo_pack",
-    "halo_unpack",
     "reference",
     "report",
     "segmented_attention",
@@ -108,74 +104,6 @@ def group_norm_stale(
     _v.sums(stale_local, "stale_local", x, num_groups)
     return OPS["group_norm_stale"](x.device, x, num_groups, weight, bias, _v.eps(eps), bool(silu), stale_global,
                                    stale_local, _v.count(count, "stale_global"))
-
-
-def halo_pack(
-    tensors: Sequence[torch.Tensor],
-    top: int | Sequence[int],
-    bottom: int | Sequence[int],
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Copy the first `top` and last `bottom` rows (dim -2) of every tensor into one flat buffer.
-
-    Layout: [t0[..., :top0, :], t1[..., :top1, :], ..., t0[..., h0-bottom0:, :], ...], each part
-    flattened in row-major order, so all tops (sent to the rank above) come first and all bottoms
-    (sent to the rank below) after them. `top`/`bottom` are ints or one int per tensor. With `out`
-    (a contiguous 1-D buffer of the right size and dtype) the rows are written there.
-    """
-    tensors, tops, bottoms = _v.halo_tensors(tensors, top, bottom)
-    numel = _v.packed_numel(tensors, tops, bottoms)
-    if out is not None:
-        _v.tensor(out, "out")
-        if out.dim() != 1 or out.numel() != numel or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous 1-D buffer of {numel} elements, got shape {tuple(out.shape)}")
-        if out.dtype != tensors[0].dtype or out.device != tensors[0].device:
-            raise TypeError(f"out must match the tensors' dtype/device ({tensors[0].dtype}, {tensors[0].device}), "
-                            f"got ({out.dtype}, {out.device})")
-    return OPS["halo_pack"](tensors[0].device, tensors, tops, bottoms, out)
-
-
-def halo_unpack(
-    buffer: torch.Tensor,
-    like: Sequence[torch.Tensor | Sequence[int]],
-    top: int | Sequence[int],
-    bottom: int | Sequence[int],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Split a `halo_pack` buffer into per-tensor (top_rows, bottom_rows) views (no copy).
-
-    `like`: the packed tensors or their shapes; view i has shape [*lead_i, top_i, W_i] / [*lead_i, bottom_i, W_i].
-    """
-    _v.tensor(buffer, "buffer")
-    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(int(d) for d in t) for t in like]
-    if not shapes:
-        raise ValueError("like must be a non-empty list of tensors or shapes")
-    for i, s in enumerate(shapes):
-        if len(s) < 2:
-            raise ValueError(f"like[{i}] must have >= 2 dims, got {s}")
-    tops, bottoms = _v.rows(top, len(shapes), "top"), _v.rows(bottom, len(shapes), "bottom")
-    if buffer.dim() != 1 or not buffer.is_contiguous():
-        raise ValueError(f"buffer must be a contiguous 1-D tensor (a halo_pack result), got shape {tuple(buffer.shape)}")
-    sizes = []
-    for i, (s, a, b) in enumerate(zip(shapes, tops, bottoms)):
-        if a + b > s[-2]:
-            raise ValueError(f"like[{i}] has {s[-2]} rows but top={a} + bottom={b} rows were requested")
-        lead = 1
-        for d in s[:-2]:
-            lead *= d
-        sizes.append((lead * a * s[-1], lead * b * s[-1]))
-    total = sum(a + b for a, b in sizes)
-    if buffer.numel() != total:
-        raise ValueError(f"buffer has {buffer.numel()} elements but these shapes/rows pack to {total}")
-    offset, tops_views = 0, []
-    for s, a, (n_top, _) in zip(shapes, tops, sizes):
-        tops_views.append(buffer[offset : offset + n_top].view(*s[:-2], a, s[-1]))
-        offset += n_top
-    result = []
-    for s, b, (_, n_bot), tv in zip(shapes, bottoms, sizes, tops_views):
-        result.append((tv, buffer[offset : offset + n_bot].view(*s[:-2], b, s[-1])))
-        offset += n_bot
-    return result
 
 
 _ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -263,44 +191,6 @@ def _native_group_norm_stale(x, num_groups, weight, bias, eps, silu, stale_globa
                                                count)
 
 
-def _packable(t: torch.Tensor) -> torch.Tensor:
-    """Native pack needs a dense last dim and leading dims that flatten to one stride."""
-    if t.is_contiguous() or t.dim() == 2 and (t.shape[-1] <= 1 or t.stride(-1) == 1):
-        return t
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return t.contiguous()
-    expect = None
-    for d in range(t.dim() - 3, -1, -1):
-        if t.shape[d] == 1:
-            continue
-        if expect is not None and t.stride(d) != expect:
-            return t.contiguous()
-        expect = t.stride(d) * t.shape[d]
-    return t
-
-
-def _packable_inputs(impl):
-    """The CUDA, CPU and Triton packs read each tensor as [outer, rows, W] with one outer stride."""
-
-    def call(tensors, tops, bottoms, out):
-        return impl([_packable(t) for t in tensors], tops, bottoms, out)
-
-    call.__name__ = impl.__name__
-    return call
-
-
-def _native_halo_pack(tensors, tops, bottoms, out):
-    if out is None:
-        return torch.ops.halodiff.halo_pack(tensors, tops, bottoms)
-    torch.ops.halodiff.halo_pack_into(tensors, tops, bottoms, out)
-    return out
-
-
-def _reference_halo_pack(tensors, tops, bottoms, out):
-    packed = reference.halo_pack(tensors, tops, bottoms)
-    return packed if out is None else out.copy_(packed)
-
-
 def _triton(name: str):
     def call(*args):
         from .. import triton_kernels
@@ -315,14 +205,11 @@ for _backend in ("cuda", "cpu"):
     register("group_stats", _backend)(_native_group_stats)
     register("group_norm", _backend)(_native_group_norm)
     register("group_norm_stale", _backend)(_native_group_norm_stale)
-    register("halo_pack", _backend)(_packable_inputs(_native_halo_pack))
 for _name in ("group_stats", "group_norm", "group_norm_stale"):
     register(_name, "triton")(_triton(_name))
-register("halo_pack", "triton")(_packable_inputs(_triton("halo_pack")))
 register("group_stats", "reference")(reference.group_stats)
 register("group_norm", "reference")(reference.group_norm)
 register("group_norm_stale", "reference")(reference.group_norm_stale)
-register("halo_pack", "reference")(_reference_halo_pack)
 
 
 # segmented_attention: what each backend's kernel cannot run (dispatch then falls through to the next one).

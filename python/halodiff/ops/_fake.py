@@ -22,22 +22,6 @@ def register_fakes() -> None:
     def _group_norm_stale(x, num_groups, weight, bias, eps, silu, stale_global, stale_local, count):
         return torch.empty_like(x, memory_format=out_format(x)), _group_stats(x, num_groups)
 
-    @torch.library.register_fake("halodiff::halo_pack")
-    def _halo_pack(tensors, top, bottom):
-        total = 0
-        for i, t in enumerate(tensors):
-            lead = 1
-            for d in t.shape[:-2]:
-                lead = lead * d
-            a = top[0] if len(top) == 1 else top[i]
-            b = bottom[0] if len(bottom) == 1 else bottom[i]
-            total = total + lead * (a + b) * t.shape[-1]
-        return tensors[0].new_empty((total,))
-
-    @torch.library.register_fake("halodiff::halo_pack_into")
-    def _halo_pack_into(tensors, top, bottom, out):
-        return None
-
     @torch.library.register_fake("halodiff::segmented_attention")
     def _segmented_attention(q, ks, vs, scale):
         B, H, Lq, D = q.shape

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
 
 import torch
 
@@ -79,54 +78,3 @@ def eps(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
         raise ValueError(f"eps must be a number >= 0, got {value!r}")
     return float(value)
-
-
-def rows(v: object, n: int, name: str) -> list[int]:
-    """An int or a list of ints (one per tensor) -> list of n non-negative ints."""
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be an int or a list of ints, got bool")
-    if isinstance(v, int):
-        vals = [v] * n
-    elif isinstance(v, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-        vals = list(v)
-        if len(vals) != n:
-            raise ValueError(f"{name} has {len(vals)} entries but there are {n} tensors; give one per tensor or an int")
-    else:
-        raise TypeError(f"{name} must be an int or a list of ints, got {type(v).__name__}")
-    if any(t < 0 for t in vals):
-        raise ValueError(f"{name} must be >= 0, got {vals}")
-    return vals
-
-
-def halo_tensors(tensors: object, top: object, bottom: object) -> tuple[list[torch.Tensor], list[int], list[int]]:
-    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
-        raise TypeError("tensors must be a list of tensors (wrap a single tensor as [t])")
-    tensors = list(tensors)
-    if not tensors:
-        raise ValueError("tensors must be a non-empty list of [B, C, h, W] tensors")
-    for i, t in enumerate(tensors):
-        tensor(t, f"tensors[{i}]")
-        if t.dim() < 2:
-            raise ValueError(f"tensors[{i}] must have >= 2 dims (rows are dim -2), got shape {tuple(t.shape)}")
-        if t.dtype != tensors[0].dtype:
-            raise TypeError(f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {tensors[0].dtype}; cast them to one dtype")
-        if t.device != tensors[0].device:
-            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}")
-    tops, bottoms = rows(top, len(tensors), "top"), rows(bottom, len(tensors), "bottom")
-    for i, (t, a, b) in enumerate(zip(tensors, tops, bottoms)):
-        if a + b > t.shape[-2]:
-            raise ValueError(
-                f"tensors[{i}] has {t.shape[-2]} rows but top={a} + bottom={b} = {a + b} rows were requested; "
-                "top + bottom must be <= rows"
-            )
-    return tensors, tops, bottoms
-
-
-def packed_numel(tensors: Sequence[torch.Tensor], tops: Sequence[int], bottoms: Sequence[int]) -> int:
-    total = 0
-    for t, a, b in zip(tensors, tops, bottoms):
-        lead = 1
-        for d in t.shape[:-2]:
-            lead *= d
-        total += lead * (a + b) * t.shape[-1]
-    return total

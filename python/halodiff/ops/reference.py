@@ -122,18 +122,6 @@ def group_norm_stale(
     return _apply(x, mean, var, weight, bias, eps, silu), local
 
 
-def _as_list(v: int | Sequence[int], n: int) -> list[int]:
-    return [int(v)] * n if isinstance(v, int) else [int(t) for t in v]
-
-
-def halo_pack(tensors: Sequence[torch.Tensor], top: int | Sequence[int], bottom: int | Sequence[int]) -> torch.Tensor:
-    """Flat buffer [tops of t0..tn, bottoms of t0..tn]; each part is t[..., :top, :] or t[..., h-bottom:, :]."""
-    tops, bottoms = _as_list(top, len(tensors)), _as_list(bottom, len(tensors))
-    parts = [t[..., :k, :].reshape(-1) for t, k in zip(tensors, tops)]
-    parts += [t[..., t.shape[-2] - k :, :].reshape(-1) for t, k in zip(tensors, bottoms)]
-    return torch.cat(parts)
-
-
 def segmented_attention(
     q: torch.Tensor, ks: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], scale: float | None = None
 ) -> torch.Tensor:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import launch
+from .._optional import require, require_all
 from ..demo import psnr
 from ..models.digits import IMAGE_SIZE, NULL_LABEL, load_digits_dataset
 
@@ -77,6 +78,7 @@ def digit_frames(count: int, hold: int = 4, noise: float = 0.02, seed: int = 0) 
 
 def load_frames(path: Path) -> torch.Tensor:
     """Frames of a GIF or of the images in a folder (sorted by name), as 32x32 grayscale ``[N, 1, 32, 32]``."""
+    require("PIL", "halodiff stream --input (reading images)")
     from PIL import Image, ImageSequence
 
     if path.is_dir():
@@ -216,8 +218,7 @@ def write_gif(frames: torch.Tensor, outputs: np.ndarray, prompts: list[int], pat
 
 def write_outputs(results: list[StreamResult], frames: torch.Tensor, prompts: list[int], out: Path,
                   meta: dict) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the stream demo's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -243,6 +244,7 @@ def write_outputs(results: list[StreamResult], frames: torch.Tensor, prompts: li
 
 def run_stream_demo(out: Path, frames: int = 48, digits: tuple[int, ...] = (3, 8), input_path: Path | None = None,
                     hold: int = 4, ranks: int = 2) -> int:
+    require_all(("diffusers", "sklearn", "matplotlib", "PIL"), "halodiff stream")
     t0 = time.perf_counter()
     x = load_frames(input_path) if input_path is not None else digit_frames(frames, hold)
     prompts = prompt_schedule(list(digits), len(x))

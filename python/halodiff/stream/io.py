@@ -6,25 +6,41 @@ resized: a frame of another size is an error (see :func:`check_frames`).
 """
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import PIL.Image
 import torch
-from diffusers.image_processor import VaeImageProcessor
+
+from .._optional import require
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 
 def _pil_mode(channels: int) -> str:
     return {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, "RGB")
 
 
+def _is_pil(image: Any) -> bool:
+    """Whether ``image`` is a PIL image, without importing PIL (a PIL image implies PIL is imported)."""
+    mod = sys.modules.get("PIL.Image")
+    return mod is not None and isinstance(image, mod.Image)
+
+
+def _numpy_to_pt(arr: np.ndarray) -> torch.Tensor:
+    """``[B, H, W(, C)]`` float arrays -> ``[B, C, H, W]`` tensors (as diffusers' VaeImageProcessor.numpy_to_pt)."""
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    return torch.from_numpy(arr.transpose(0, 3, 1, 2))
+
+
 def to_tensor(image: Any, channels: int) -> torch.Tensor:
     """``image`` as a float32 ``[B, C, H, W]`` tensor in [0, 1] with ``channels`` channels (PIL converts)."""
-    if isinstance(image, PIL.Image.Image) or (isinstance(image, (list, tuple)) and image
-                                              and all(isinstance(i, PIL.Image.Image) for i in image)):
-        images = [image] if isinstance(image, PIL.Image.Image) else list(image)
-        arr = VaeImageProcessor.pil_to_numpy([im.convert(_pil_mode(channels)) for im in images])
-        return VaeImageProcessor.numpy_to_pt(arr)
+    if _is_pil(image) or (isinstance(image, (list, tuple)) and image and all(_is_pil(i) for i in image)):
+        images = [image] if _is_pil(image) else list(image)
+        arr = np.stack([np.array(im.convert(_pil_mode(channels))).astype(np.float32) / 255.0 for im in images])
+        return _numpy_to_pt(arr)
     if isinstance(image, np.ndarray):
         arr = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
         if arr.ndim == 2:
@@ -34,7 +50,7 @@ def to_tensor(image: Any, channels: int) -> torch.Tensor:
         if arr.ndim != 4:
             raise ValueError(f"stream frame: numpy images must be [H, W], [H, W, C] or [B, H, W, C]; got shape "
                              f"{image.shape}")
-        return VaeImageProcessor.numpy_to_pt(arr)
+        return _numpy_to_pt(arr)
     if isinstance(image, torch.Tensor):
         x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
         if x.ndim == 3:
@@ -62,9 +78,9 @@ def check_frames(x: torch.Tensor, frames: int, channels: int, height: int, width
 
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
-    """``[B, C, H, W]`` images in [0, 1] -> PIL images (grayscale for one channel)."""
-    arr = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return VaeImageProcessor.numpy_to_pil(arr)
+    """``[B, C, H, W]`` images in [0, 1] -> PIL images (grayscale for one channel; needs pillow)."""
+    image = require("PIL.Image", "stream output as PIL images (to_pil)")
+    return [image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in to_uint8(images)]  # 2-D uint8: "L"
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

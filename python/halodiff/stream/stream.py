@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import LCMScheduler
 
+from .._optional import require
 from ..comm.slots import SlotComm, SlotRange, group_size
 from ..errors import HalodiffError, PatchError
 from ..runtime import runtime_of
@@ -83,6 +83,7 @@ class StreamDiffusion:
     def __init__(self, pipe: Any, t_index_list: list[int] | tuple[int, ...], width: int = 512, height: int = 512,
                  frame_buffer_size: int = 1, cfg_type: str = "self", use_denoising_batch: bool = True,
                  do_add_noise: bool = True, torch_dtype: torch.dtype | None = None, group=None) -> None:
+        diffusers = require("diffusers", "StreamDiffusion (its LCM scheduler)")
         if not isinstance(t_index_list, (list, tuple)):
             raise ValueError(f"StreamDiffusion: t_index_list must be a list of ints; got {t_index_list!r}")
         self.config = StreamConfig(tuple(t_index_list), width, height, frame_buffer_size, cfg_type,
@@ -104,7 +105,7 @@ class StreamDiffusion:
             raise ValueError(f"StreamDiffusion: width and height must be multiples of the VAE's scale factor {scale}; "
                              f"got {width}x{height}")
         self.latent_shape = (self.latent_channels, height // scale, width // scale)
-        self.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
         sc = self.scheduler.config
         if sc.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"StreamDiffusion: prediction_type {sc.prediction_type!r} is not supported; supported: "
